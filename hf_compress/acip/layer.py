@@ -1,0 +1,101 @@
+"""A Linear (or Conv1D) rewritten as y = U diag(gate * s) V^T x + b with a mask per singular value.
+
+The gate is 1 while the value is alive (mask > 0) and passes the mask's gradient straight
+through; once the mask reaches 0 the value is dead for good and dropped from the computation,
+so steps get cheaper as the pass goes on. An optional LoRA adapter trains alongside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import LayerShape, dense_weight, layer_shape
+
+
+def svd_factors(weight: torch.Tensor, cholesky: torch.Tensor | None = None):
+    """Thin SVD of `weight` (out x in) in fp32, as (U, s, Vt) with U diag(s) Vt == weight.
+
+    With the Cholesky factor L of the input covariance, the SVD is taken of W L and Vt maps back
+    through L^-1: the singular values then measure each direction's effect on the layer's output
+    over the calibration inputs rather than its weight energy.
+    """
+    weight = weight.float()
+    if cholesky is None:
+        return torch.linalg.svd(weight, full_matrices=False)
+    u, s, vt = torch.linalg.svd(weight @ cholesky, full_matrices=False)
+    vt = torch.linalg.solve_triangular(cholesky, vt, upper=False, left=False)
+    return u, s, vt
+
+
+class SVDLinear(nn.Module):
+    def __init__(
+        self,
+        base: nn.Module,
+        cholesky: torch.Tensor | None,
+        mask_init: float,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+    ):
+        super().__init__()
+        self.shape: LayerShape = layer_shape(base)
+        weight = dense_weight(base).detach()
+        u, s, vt = svd_factors(weight, cholesky)
+        dtype = weight.dtype
+        # Frozen factors are plain tensors, not buffers: DDP need not sync them, and resumable
+        # state is masks, scores and LoRA alone (the factors are recomputed deterministically).
+        self.u, self.s, self.vt = u.to(dtype), s, vt.to(dtype)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        self.mask = nn.Parameter(torch.full_like(s, mask_init))
+        self.register_buffer("alive", torch.ones_like(s, dtype=torch.bool))
+        self.register_buffer("score", torch.zeros_like(s))
+        self.lora_scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else 0.0
+        if lora_rank:
+            self.lora_a = nn.Parameter(torch.empty(lora_rank, self.shape.in_features, dtype=dtype))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+            self.lora_b = nn.Parameter(torch.zeros(self.shape.out_features, lora_rank, dtype=dtype))
+        else:
+            self.lora_a = self.lora_b = None
+        self.compact()
+
+    @property
+    def rank(self) -> int:
+        return int(self.alive.sum())
+
+    def compact(self) -> None:
+        """Drop dead singular values from the computation (after `alive` shrank)."""
+        self._index = self.alive.nonzero().squeeze(1)
+        everything = len(self._index) == len(self.alive)
+        self._u = self.u if everything else self.u[:, self._index]
+        self._vt = self.vt if everything else self.vt[self._index]
+        self._s = self.s if everything else self.s[self._index]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.u, self.s, self.vt = fn(self.u), fn(self.s), fn(self.vt)
+        self.compact()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask[self._index]
+        gate = 1.0 + (mask - mask.detach())  # value 1, gradient passes straight to the mask
+        h = F.linear(x, self._vt) * (self._s * gate).to(x.dtype)
+        y = F.linear(h, self._u, self.bias)
+        if self.lora_a is not None:
+            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
+        return y
+
+    @torch.no_grad()
+    def update_scores(self) -> None:
+        """After an optimizer step: alive values score their mask, a value that just died scores
+        0, and every dead score then drops by 1, so the earlier a value died the lower it ranks."""
+        died = self.alive & (self.mask <= 0)
+        self.score.copy_(torch.where(self.alive, self.mask, self.score))
+        self.score[died] = 0.0
+        self.alive &= ~died
+        self.score[~self.alive] -= 1.0
+        if died.any():
+            self.compact()

@@ -1,0 +1,276 @@
+"""The ACIP pass: one gradient-descent run that ranks every singular value of every target.
+
+Objective: causal-LM cross-entropy + lambda * sum ||relu(mask)||_1, with the straight-through
+gate of `SVDLinear`. Each step every alive mask gains lr * |dL/dgate| / mean |dL/dgate| (the
+first-order estimate of what removing that value would cost, normalized over all alive values)
+and loses lr * lambda (the L1 gradient); masks are capped at their initial value. Summed over
+steps this is a de-noised, loss-aware importance that is re-measured as the model shrinks, and
+a mask that reaches zero is pruned for good. Its order of death is the score map.
+
+Why not the signed gradient with Adam, as in the paper: near a pretrained minimum the sign of a
+per-batch gate gradient is noise, Adam turns noise into +-lr steps, and the values with the
+largest gradients (the most important ones) are the first to be killed by an unlucky sign; on
+the demo model one such step took the loss from 3.1 to 9.7 (see docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from ..errors import HfCompressError
+from ..models import find_targets
+from .compressible import CompressibleModel, LayerFactors
+from .config import AcipConfig
+from .layer import SVDLinear
+
+PROGRESS_FILE = "progress.pt"
+
+
+@torch.no_grad()
+def input_choleskys(model: nn.Module, targets: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
+    """Cholesky factors of each target's input covariance over the calibration batches."""
+    covariances = {name: 0.0 for name in targets}
+
+    def hook(name):
+        def accumulate(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            covariances[name] = covariances[name] + x.t() @ x
+        return accumulate
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    try:
+        for batch in tqdm(batches, desc="input covariance", leave=False):
+            model(input_ids=batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: _cholesky(c) for name, c in covariances.items()}
+
+
+def _cholesky(cov: torch.Tensor) -> torch.Tensor:
+    """Cholesky with just enough damping to be positive definite (inputs can be rank-deficient)."""
+    eye = torch.eye(len(cov), device=cov.device)
+    scale = cov.diagonal().mean().clamp_min(1e-12)
+    for damping in (1e-6, 1e-4, 1e-2, 1e-1):
+        factor, info = torch.linalg.cholesky_ex(cov + damping * scale * eye)
+        if info == 0:
+            return factor
+    raise HfCompressError("input covariance is not positive definite even after damping")
+
+
+def inject(model: nn.Module, config: AcipConfig, choleskys=None) -> dict[str, SVDLinear]:
+    """Replace every target in place by its SVDLinear; return them by name."""
+    targets = find_targets(model, config.include, config.exclude)
+    layers = {}
+    for name, module in tqdm(targets.items(), desc="SVD of target layers", leave=False):
+        layer = SVDLinear(module, (choleskys or {}).get(name), config.mask_init,
+                          config.lora_rank, config.lora_alpha)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        layers[name] = layer
+    return layers
+
+
+def size_ratio(layers: dict[str, SVDLinear]) -> float:
+    kept = sum(layer.shape.params_at_rank(layer.rank) for layer in layers.values())
+    return kept / sum(layer.shape.dense_params for layer in layers.values())
+
+
+@torch.no_grad()
+def soft_ratio(layers: dict[str, SVDLinear], cap: float) -> float:
+    """Factor size counting each value by how full its mask is (mask / cap, clamped to [0, 1]),
+    without the dense cap. It moves as soon as masks start to fall, well before they die (and
+    the capped size ratio does not move until a layer drops below its cap), so lambda is
+    steered by it without lag."""
+    kept = sum(
+        float((layer.mask / cap).clamp(0, 1).sum()) * (layer.shape.in_features + layer.shape.out_features)
+        for layer in layers.values()
+    )
+    return kept / sum(layer.shape.dense_params for layer in layers.values())
+
+
+def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokenizer=None,
+         progress_dir: str | Path | None = None, show_progress: bool = True,
+         **overrides) -> CompressibleModel:
+    """Run one ACIP pass on `model` with calibration windows `data` (n x seq_len).
+
+    Runs on whatever Accelerate is configured for (CPU, one GPU, DDP). With `progress_dir`,
+    a resumable checkpoint is written every `config.save_every` steps and picked up on restart.
+    The model is restored to its dense self and wrapped, with the score map, in the result.
+    """
+    config = config or AcipConfig(**overrides)
+    torch.manual_seed(config.seed)
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if config.batch_size % accelerator.num_processes:
+        raise HfCompressError(
+            f"batch size {config.batch_size} must be a multiple of the {accelerator.num_processes} processes"
+        )
+    if len(data) < config.batch_size:
+        raise HfCompressError(
+            f"too little calibration data: {len(data)} windows, fewer than one batch of {config.batch_size}"
+        )
+    if config.max_steps * config.batch_size > len(data):
+        warnings.warn(
+            f"{config.max_steps} steps x {config.batch_size} windows exceed the {len(data)} calibration "
+            "windows; the data will be cycled"
+        )
+    data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))]
+
+    model.requires_grad_(False).to(accelerator.device)
+    originals = {n: m for n, m in find_targets(model, config.include, config.exclude).items()}
+    choleskys = None
+    if config.basis == "whitened":
+        windows = data[: config.whitening_windows].to(accelerator.device)
+        choleskys = input_choleskys(model, originals, windows.split(config.batch_size))
+    layers = inject(model, config, choleskys)
+    del choleskys
+    for module in originals.values():
+        module.to("cpu")  # kept only to be put back after the pass
+
+    loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
+    optimizers = [torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0)] if loras else []
+    loader = DataLoader(TensorDataset(data), batch_size=config.batch_size, drop_last=True)
+
+    state = {"step": 0, "lam": config.lambda_init, "history": []}
+    progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
+    if progress is not None and progress.is_file():
+        state = _resume(progress, config, layers, optimizers)
+    wrapped, loader, *optimizers = accelerator.prepare(model, loader, *optimizers)
+    for layer in layers.values():
+        layer.compact()
+
+    ratio, start_soft_ratio = size_ratio(layers), soft_ratio(layers, config.mask_init)
+    bar = tqdm(total=config.max_steps, initial=state["step"], desc="ACIP",
+               disable=not (show_progress and accelerator.is_main_process))
+    # Eval mode: no dropout, so the ranking is deterministic and equal across processes.
+    for (batch,) in _cycle(accelerator, loader, state["step"]):
+        if state["step"] >= config.max_steps or ratio <= config.stop_ratio:
+            break
+        started = time.perf_counter()
+        loss = wrapped(input_ids=batch, labels=batch).loss
+        accelerator.backward(loss)
+        mask_step(layers, state["lam"], config.learning_rate, config.mask_init)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for layer in layers.values():
+            layer.update_scores()
+        state["step"] += 1
+        ratio = size_ratio(layers)
+        target = config.target_ratio(state["step"], start_soft_ratio)
+        loss_value = accelerator.reduce(loss.detach(), "mean").item()
+        state["history"].append({"step": state["step"], "size_ratio": round(ratio, 5), "lambda": state["lam"],
+                                 "loss": round(loss_value, 4), "seconds": round(time.perf_counter() - started, 3)})
+        # Steer by the lag-free soft size along the schedule, then by the real size until done.
+        in_schedule = state["step"] < config.schedule_fraction * config.max_steps
+        steered = soft_ratio(layers, config.mask_init) if in_schedule else ratio
+        state["lam"] *= config.growth if steered > target else 1 / config.growth
+        bar.update(1)
+        bar.set_postfix(ratio=f"{ratio:.3f}", target=f"{target:.3f}", lam=f"{state['lam']:.2e}",
+                        loss=f"{loss_value:.3f}")
+        if progress is not None and state["step"] % config.save_every == 0:
+            _save_progress(accelerator, progress, config, layers, optimizers, state)
+    bar.close()
+
+    reached = ratio <= config.stop_ratio
+    if not reached:
+        warnings.warn(
+            f"the pass ended at size ratio {ratio:.3f} after {state['step']} steps without reaching "
+            f"{config.stop_ratio}; smaller sizes rank the remaining values by mask value only. "
+            "Raise --max-steps to prune further."
+        )
+    summary = {"steps": state["step"], "final_ratio": ratio, "reached_stop_ratio": reached,
+               "num_processes": accelerator.num_processes, "history": state["history"]}
+    result = _to_compressible(accelerator.unwrap_model(wrapped), layers, originals, config, summary, tokenizer)
+    accelerator.wait_for_everyone()
+    return result
+
+
+@torch.no_grad()
+def mask_step(layers: dict[str, SVDLinear], lam: float, lr: float, cap: float) -> None:
+    """mask += lr * (|gate gradient| / its mean over alive masks - lam * d||relu(mask)||_1),
+    capped at `cap` so that no mask winds up beyond what lambda can bring down in time."""
+    grads = torch.cat([layer.mask.grad[layer.alive] for layer in layers.values()])
+    scale = grads.float().abs().mean().clamp_min(1e-20)
+    for layer in layers.values():
+        layer.mask += lr * (layer.mask.grad.abs() / scale - lam * layer.alive)
+        layer.mask.clamp_(max=cap)
+        layer.mask.grad = None
+
+
+def _cycle(accelerator, loader, start_step: int):
+    """Batches forever, starting where step `start_step` left off (cycling with a fixed order)."""
+    skip = start_step % len(loader)
+    while True:
+        yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
+        skip = 0
+
+
+def _layer_state(layers: dict[str, SVDLinear]) -> dict:
+    keys = ("mask", "alive", "score", "lora_a", "lora_b")
+    return {name: {k: getattr(layer, k).detach().cpu() for k in keys if getattr(layer, k) is not None}
+            for name, layer in layers.items()}
+
+
+def _save_progress(accelerator, path: Path, config, layers, optimizers, state) -> None:
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"config": config.to_dict(), "state": state, "layers": _layer_state(layers),
+                   "optimizers": [o.state_dict() for o in optimizers]}
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def _resume(path: Path, config: AcipConfig, layers, optimizers) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload["config"] != config.to_dict():
+        raise HfCompressError(
+            f"{path.parent} holds a pass with other settings; pass --overwrite to start afresh"
+        )
+    for name, saved in payload["layers"].items():
+        for key, value in saved.items():
+            getattr(layers[name], key).copy_(value)
+        layers[name].compact()
+    for optimizer, saved in zip(optimizers, payload["optimizers"]):
+        optimizer.load_state_dict(saved)
+    print(f"resuming the pass at step {payload['state']['step']} from {path}")
+    return payload["state"]
+
+
+@torch.no_grad()
+def _to_compressible(model, layers, originals, config, summary, tokenizer) -> CompressibleModel:
+    """Sort each layer's values best-first, keep those that can matter (beyond the dense cap a
+    layer is stored dense), and put the original dense layers back into the model."""
+    factors = {}
+    for name, layer in layers.items():
+        shape = layer.shape
+        cap = math.ceil(shape.in_features * shape.out_features / (shape.in_features + shape.out_features))
+        order = torch.sort(layer.s, descending=True, stable=True).indices
+        order = order[torch.sort(layer.score[order], descending=True, stable=True).indices][:cap]
+        lora_b = None if layer.lora_b is None else layer.lora_b * layer.lora_scale
+        factors[name] = LayerFactors(
+            shape, layer.u[:, order].cpu(), layer.s[order].cpu(), layer.vt[order].cpu(),
+            layer.score[order].cpu(),
+            None if layer.lora_a is None else layer.lora_a.detach().cpu(),
+            None if lora_b is None else lora_b.detach().cpu(),
+        )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, originals[name])
+    return CompressibleModel(model.cpu(), factors, config, summary, tokenizer)
+
+
+def clear_progress(progress_dir: str | Path) -> None:
+    shutil.rmtree(progress_dir, ignore_errors=True)

@@ -1,0 +1,49 @@
+"""Write whole directories or nothing: users never see a half-written output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import HfCompressError
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Refuse to replace an existing output unless asked to."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise HfCompressError(f"output {path} already exists; pass --overwrite to replace it")
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling directory; on success it replaces `path` in one rename.
+
+    On any error the temporary directory is removed and `path` is left as it was.
+    """
+    path = check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(old / path.name)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

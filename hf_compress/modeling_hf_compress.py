@@ -1,0 +1,52 @@
+"""Factorized Linear layers for checkpoints written by hf-compress.
+
+This file is copied verbatim into every materialized checkpoint, followed by a few generated
+lines that subclass the base architecture, so that
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works with only torch and
+transformers installed. It must import nothing but torch and transformers.
+
+`config.hf_compress["ranks"]` maps a module name to the rank it is stored at; every other
+module is the base architecture's own.
+"""
+
+import torch
+from torch import nn
+
+
+class FactorizedLinear(nn.Module):
+    """y = W2 (W1 x) + b with W1: rank x in, W2: out x rank; a rank-limited stand-in for Linear."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.proj_in = nn.Linear(in_features, rank, bias=False)
+        self.proj_out = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.proj_in(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def factorize_(model: nn.Module, ranks: dict) -> nn.Module:
+    """Replace each module named in `ranks` by an (uninitialized) FactorizedLinear of that rank."""
+    for name, rank in ranks.items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child_name)
+        if hasattr(old, "nf"):  # transformers Conv1D stores its weight as in x out
+            in_features, out_features = old.weight.shape
+        else:
+            in_features, out_features = old.in_features, old.out_features
+        new = FactorizedLinear(in_features, out_features, rank, bias=old.bias is not None)
+        setattr(parent, child_name, new.to(device=old.weight.device, dtype=old.weight.dtype))
+    return model
+
+
+class HfCompressMixin:
+    """Put before a transformers *ForCausalLM class: builds the factorized layers on init."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        factorize_(self, config.hf_compress["ranks"])

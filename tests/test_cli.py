@@ -1,0 +1,89 @@
+"""The command line: bad input gives one clear line and exit 1, nothing half-written."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import tiny_data, tiny_model
+from hf_compress import acip
+from hf_compress.acip.compressible import FACTORS_FILE
+from hf_compress.cli import main
+
+
+def run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["hf-compress", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def compressible_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("c") / "acip"
+    acip(tiny_model(), tiny_data(), max_steps=8, batch_size=4, show_progress=False).save_pretrained(path)
+    return path
+
+
+def error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err
+    return lines[-1]
+
+
+def test_materialize_and_info(monkeypatch, capsys, compressible_dir, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5,
+                       "--output", tmp_path / "m")
+    assert code in (0, None) and "size ratio 0.4" in err
+    code, out, _ = run(monkeypatch, capsys, "info", tmp_path / "m", "--json")
+    report = json.loads(out)
+    assert report["size_ratio"] <= 0.5 and any(layer["rank"] for layer in report["layers"])
+    code, out, _ = run(monkeypatch, capsys, "info", compressible_dir, "--json")
+    assert [row["size_ratio"] for row in json.loads(out)["sizes"]][-1] == 1.0
+
+
+@pytest.mark.parametrize("ratio", [0, 1.5, -0.2])
+def test_ratio_out_of_range(monkeypatch, capsys, compressible_dir, tmp_path, ratio):
+    code, _, err = run(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", ratio,
+                       "--output", tmp_path / "m")
+    assert code == 1 and "ratio must be in (0, 1]" in error_line(err)
+    assert not (tmp_path / "m").exists()
+
+
+def test_stop_ratio_out_of_range(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "compress", "demo", "--output", tmp_path / "c", "--stop-ratio", 1)
+    assert code == 1 and "ratio must be in (0, 1)" in error_line(err)
+
+
+def test_unknown_model(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "compress", "no-such-org/no-such-model", "--output", tmp_path / "c")
+    assert code == 1 and "cannot load model 'no-such-org/no-such-model'" in error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_compressible_directory(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "materialize", tmp_path, "--size-ratio", 0.5, "--output", tmp_path / "m")
+    assert code == 1 and "is not a compressible directory" in error_line(err)
+
+
+def test_half_written_compressible_directory(monkeypatch, capsys, compressible_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(compressible_dir, broken)
+    data = (broken / FACTORS_FILE).read_bytes()
+    (broken / FACTORS_FILE).write_bytes(data[: len(data) // 2])
+    code, _, err = run(monkeypatch, capsys, "materialize", broken, "--size-ratio", 0.5, "--output", tmp_path / "m")
+    assert code == 1 and "not a complete compressible directory" in error_line(err)
+    assert not (tmp_path / "m").exists()
+
+
+def test_existing_output_needs_overwrite(monkeypatch, capsys, compressible_dir, tmp_path):
+    (tmp_path / "m").mkdir()
+    code, _, err = run(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5, "--output", tmp_path / "m")
+    assert code == 1 and "already exists; pass --overwrite" in error_line(err)
+    code, _, _ = run(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5, "--output",
+                     tmp_path / "m", "--overwrite")
+    assert code in (0, None) and (tmp_path / "m" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary leftovers

@@ -1,0 +1,72 @@
+"""Calibration data from every source, the builtin split, and its errors."""
+
+import json
+
+import pytest
+import torch
+
+from hf_compress import HfCompressError, calibration_data
+from hf_compress.data import builtin_text
+
+
+def test_builtin_split_is_deterministic_and_disjoint(tokenizer):
+    calibration = calibration_data(tokenizer, "builtin", seq_len=64)
+    heldout = calibration_data(tokenizer, "builtin", seq_len=64, split="heldout")
+    assert torch.equal(calibration, calibration_data(tokenizer, "builtin", seq_len=64))
+    assert calibration.shape[1] == heldout.shape[1] == 64
+    assert 3.5 < len(calibration) / len(heldout) < 4.5  # 80 / 20 by tokens
+    assert not torch.equal(calibration[-1], heldout[0])
+
+
+def test_builtin_corpus_is_large():
+    assert len(builtin_text()) > 400_000
+
+
+def test_max_windows(tokenizer):
+    assert calibration_data(tokenizer, "builtin", seq_len=32, max_windows=5).shape == (5, 32)
+
+
+def test_local_files(tokenizer, tmp_path):
+    text = builtin_text()[:20_000]
+    (tmp_path / "a.txt").write_text(text)
+    rows = [{"body": chunk} for chunk in text.split("\n\n") if chunk]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    from_txt = calibration_data(tokenizer, str(tmp_path / "a.txt"), seq_len=16)
+    from_jsonl = calibration_data(tokenizer, str(tmp_path / "a.jsonl"), seq_len=16, text_column="body")
+    from_parquet = calibration_data(tokenizer, str(tmp_path / "a.parquet"), seq_len=16, text_column="body")
+    assert len(from_txt) > 50
+    assert torch.equal(from_jsonl, from_parquet)
+    with pytest.raises(HfCompressError, match="no column 'text'"):
+        calibration_data(tokenizer, str(tmp_path / "a.jsonl"), seq_len=16)
+
+
+def test_too_short_is_an_error(tokenizer, tmp_path):
+    (tmp_path / "short.txt").write_text("only a few words")
+    with pytest.raises(HfCompressError, match="fewer than one window"):
+        calibration_data(tokenizer, str(tmp_path / "short.txt"), seq_len=64)
+
+
+def test_missing_sources_are_errors(tokenizer, tmp_path):
+    with pytest.raises(HfCompressError, match="not found"):
+        calibration_data(tokenizer, str(tmp_path / "nope.txt"))
+    with pytest.raises(HfCompressError, match="unsupported data file"):
+        (tmp_path / "x.csv").write_text("a,b")
+        calibration_data(tokenizer, str(tmp_path / "x.csv"))
+    with pytest.raises(HfCompressError, match="cannot load dataset 'no-such-user/no-such-dataset'"):
+        calibration_data(tokenizer, "no-such-user/no-such-dataset")
+
+
+def test_hub_dataset_path_with_a_local_stand_in(tokenizer, tmp_path):
+    """The streamed Hub code path, offline: a directory laid out like a dataset repository."""
+    import datasets
+
+    repo = tmp_path / "user-dataset" / "data"
+    repo.mkdir(parents=True)
+    rows = [{"content": chunk} for chunk in builtin_text()[:30_000].split("\n\n") if chunk]
+    datasets.Dataset.from_list(rows).to_parquet(str(repo / "train-00000-of-00001.parquet"))
+    windows = calibration_data(tokenizer, str(tmp_path / "user-dataset"), seq_len=16,
+                               text_column="content", dataset_split="train", max_windows=20)
+    assert windows.shape == (20, 16)

@@ -1,0 +1,52 @@
+"""End to end on the bundled demo model (SmolLM2-135M) with the builtin corpus, via the CLI."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.integration
+RATIOS = (0.8, 0.6, 0.4)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "hf_compress", *map(str, args)], check=True,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def compressible(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "acip"
+    cli("compress", "demo", "--output", out, "--max-steps", 10, "--seq-len", 64, "--batch-size", 4,
+        "--lora-rank", 4, "--save-every", 5)
+    return out
+
+
+def test_pass_summary(compressible):
+    meta = json.loads((compressible / "acip.json").read_text())
+    assert meta["summary"]["steps"] <= 10 and len(meta["layers"]) == 210
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_materialize_reload_in_fresh_process_and_generate(compressible, tmp_path, ratio):
+    out = tmp_path / f"m{ratio}"
+    cli("materialize", compressible, "--size-ratio", ratio, "--output", out)
+    report = json.loads(cli("info", out, "--json").stdout)
+    # At or below the ratio, and below it by at most one kept value of the widest layer.
+    assert ratio - 2112 / report["target_dense_params"] <= report["size_ratio"] <= ratio
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_compress"] = None  # only torch + transformers
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained("{out}")
+        model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)
+        ids = tok("The for statement in Python", return_tensors="pt").input_ids
+        new = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+        print(tok.decode(new, skip_special_tokens=True))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                          cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.stdout.strip()

@@ -1,0 +1,93 @@
+"""Materialization at any size, self-contained checkpoints and their round trips."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ARCHS, tiny_data, tiny_model
+from hf_compress import CompressibleModel, acip, load_model
+from hf_compress.checkpoint import MODELING_FILE, save_checkpoint
+from hf_compress.models import dense_weight, size_report
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def compressible(request):
+    return acip(tiny_model(request.param), tiny_data(), max_steps=12, stop_ratio=0.3, batch_size=4,
+                lora_rank=2, show_progress=False)
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.6, 0.35])
+def test_size_is_within_budget(compressible, ratio):
+    model = compressible.materialize(ratio)
+    report = size_report(model)
+    granularity = max(f.shape.in_features + f.shape.out_features for f in compressible.layers.values())
+    assert report["target_dense_params"] == compressible.dense_params
+    assert ratio * compressible.dense_params - granularity <= report["target_params"]
+    assert report["target_params"] <= ratio * compressible.dense_params
+    assert report["size_ratio"] == pytest.approx(model.config.hf_compress["size_ratio"], abs=1e-6)
+    assert model(tiny_data(2)).logits.isfinite().all()
+
+
+def test_smaller_ratio_never_keeps_more(compressible):
+    previous = None
+    for ratio in (1.0, 0.8, 0.6, 0.4, 0.2):
+        ranks = compressible.ranks_at(ratio)
+        if previous:
+            assert all(ranks[n] <= previous[n] for n in ranks)
+        previous = ranks
+
+
+def test_full_ratio_is_dense_plus_lora(compressible):
+    full = compressible.materialize(1.0)
+    assert full.config.hf_compress["ranks"] == {}
+    for name, factors in compressible.layers.items():
+        expected = dense_weight(compressible.base_model.get_submodule(name)) + factors.lora_b @ factors.lora_a
+        torch.testing.assert_close(dense_weight(full.get_submodule(name)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compressible_round_trip(compressible, tmp_path):
+    compressible.save_pretrained(tmp_path / "c")
+    reloaded = CompressibleModel.from_pretrained(tmp_path / "c")
+    data = tiny_data(2)
+    torch.testing.assert_close(reloaded.materialize(0.5)(data).logits, compressible.materialize(0.5)(data).logits)
+
+
+def test_checkpoint_loads_with_and_without_remote_code(compressible, tmp_path):
+    model = compressible.materialize(0.5)
+    assert model.config.hf_compress["ranks"]
+    save_checkpoint(model, None, tmp_path / "m")
+    assert (tmp_path / "m" / MODELING_FILE).is_file()
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["auto_map"]
+    data = tiny_data(2)
+    expected = model(data).logits
+    ours, _ = load_model(tmp_path / "m")
+    assert type(ours).__module__.startswith("hf_compress")  # the package's class, no remote code
+    torch.testing.assert_close(ours(data).logits, expected, rtol=0, atol=0)
+    torch.save(data, tmp_path / "x.pt")
+    # A fresh process in which hf_compress cannot be imported: only torch + transformers.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_compress"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("{tmp_path / 'm'}", trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.save(model(torch.load("{tmp_path / 'x.pt'}")).logits, "{tmp_path / 'y.pt'}")
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
+
+
+def test_output_is_not_overwritten(compressible, tmp_path):
+    from hf_compress import HfCompressError
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep.txt").write_text("mine")
+    with pytest.raises(HfCompressError, match="already exists"):
+        save_checkpoint(compressible.materialize(0.5), None, tmp_path / "m")
+    assert (tmp_path / "m" / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]

@@ -1,0 +1,96 @@
+"""The ACIP pass: schedule, score map, determinism, LoRA, stopping, resuming, bad input."""
+
+import pytest
+import torch
+
+from conftest import tiny_data, tiny_model
+from hf_compress import AcipConfig, HfCompressError, acip
+from hf_compress.acip import train
+
+
+def short_pass(**kwargs):
+    settings = dict(max_steps=12, stop_ratio=0.4, batch_size=4, show_progress=False)
+    settings.update(kwargs)
+    return acip(tiny_model(settings.pop("arch", "llama")), tiny_data(), **settings)
+
+
+def test_reaches_stop_ratio_within_budget_and_ranks_every_value():
+    result = short_pass()
+    summary = result.summary
+    assert summary["reached_stop_ratio"] and summary["final_ratio"] <= 0.4
+    assert summary["steps"] <= 12 and len(summary["history"]) == summary["steps"]
+    for factors in result.layers.values():
+        scores = factors.score
+        assert (scores[:-1] >= scores[1:]).all()  # stored best first
+        dead = scores <= 0
+        assert torch.equal(scores[dead], scores[dead].round())  # dead: -(steps since death)
+
+
+def test_same_seed_same_scores():
+    a, b = short_pass(), short_pass()
+    for name in a.layers:
+        assert torch.equal(a.layers[name].score, b.layers[name].score)
+
+
+def test_model_is_restored_to_dense():
+    model, data = tiny_model(), tiny_data()
+    reference = model(data[:2]).logits
+    result = acip(model, data, max_steps=4, batch_size=4, show_progress=False)
+    assert result.base_model is model
+    torch.testing.assert_close(model(data[:2]).logits, reference)
+
+
+def test_budget_too_small_warns_and_still_ranks():
+    with pytest.warns(UserWarning, match="without reaching"):
+        result = short_pass(max_steps=2, stop_ratio=0.1)
+    assert not result.summary["reached_stop_ratio"]
+
+
+def test_lora_is_trained_and_kept():
+    result = short_pass(lora_rank=3)
+    factors = result.layers["model.layers.0.mlp.up_proj"]
+    assert factors.lora_a.shape == (3, 64) and factors.lora_b.shape == (96, 3)
+    assert factors.lora_b.abs().sum() > 0
+
+
+def test_too_little_data_is_an_error():
+    with pytest.raises(HfCompressError, match="too little calibration data"):
+        acip(tiny_model(), tiny_data(n=3), batch_size=4, show_progress=False)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stop_ratio=1.2), dict(stop_ratio=0), dict(basis="qr"),
+                                    dict(max_steps=0), dict(lora_rank=-1)])
+def test_bad_settings_are_errors(kwargs):
+    with pytest.raises(HfCompressError):
+        AcipConfig(**kwargs)
+
+
+def test_interrupted_pass_resumes_where_it_stopped(tmp_path, monkeypatch):
+    settings = dict(max_steps=10, stop_ratio=0.2, batch_size=4, save_every=3, show_progress=False)
+    uninterrupted = acip(tiny_model(), tiny_data(), **settings)
+
+    real_step, calls = train.mask_step, []
+
+    def crash_on_step_eight(*args):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        real_step(*args)
+
+    monkeypatch.setattr(train, "mask_step", crash_on_step_eight)
+    with pytest.raises(KeyboardInterrupt):
+        acip(tiny_model(), tiny_data(), progress_dir=tmp_path, **settings)
+    assert torch.load(tmp_path / train.PROGRESS_FILE, weights_only=False)["state"]["step"] == 6
+    monkeypatch.setattr(train, "mask_step", real_step)
+    resumed = acip(tiny_model(), tiny_data(), progress_dir=tmp_path, **settings)
+    assert resumed.summary["steps"] == uninterrupted.summary["steps"]
+    for name, factors in uninterrupted.layers.items():
+        torch.testing.assert_close(resumed.layers[name].score, factors.score)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    acip(tiny_model(), tiny_data(), max_steps=4, batch_size=4, save_every=2, progress_dir=tmp_path,
+         show_progress=False)
+    with pytest.raises(HfCompressError, match="other settings"):
+        acip(tiny_model(), tiny_data(), max_steps=5, batch_size=4, progress_dir=tmp_path,
+             show_progress=False)

@@ -1,0 +1,76 @@
+"""SVD parametrization: exact at init on every architecture; targets, patterns and errors."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import ARCHS, tiny_data, tiny_model
+from hf_compress import AcipConfig, HfCompressError
+from hf_compress.acip.layer import SVDLinear
+from hf_compress.acip.train import inject, input_choleskys
+from hf_compress.models import find_targets
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("basis", ["plain", "whitened"])
+def test_exact_at_init(arch, basis):
+    model = tiny_model(arch)
+    data = tiny_data(8)
+    reference = model(data).logits
+    choleskys = input_choleskys(model, find_targets(model), data.split(4)) if basis == "whitened" else None
+    layers = inject(model, AcipConfig(basis=basis, lora_rank=2), choleskys)
+    assert layers and all(isinstance(m, SVDLinear) for m in layers.values())
+    assert relative_error(model(data).logits, reference) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_targets_are_the_block_linears(arch):
+    model = tiny_model(arch)
+    names = list(find_targets(model))
+    assert names and not any("embed" in n or "lm_head" in n or "wte" in n for n in names)
+    per_block = {"llama": 7, "qwen2": 7, "mistral": 7, "phi3": 4, "gpt2": 4}[arch]
+    assert len(names) == 2 * per_block
+
+
+def test_include_exclude_patterns():
+    model = tiny_model("llama")
+    attention = find_targets(model, include=r"self_attn")
+    assert len(attention) == 8 and all("self_attn" in n for n in attention)
+    no_down = find_targets(model, exclude=r"down_proj")
+    assert len(no_down) == 12 and not any("down_proj" in n for n in no_down)
+
+
+def test_unsupported_layer_type_is_an_error():
+    with pytest.raises(HfCompressError, match="unsupported layer type LlamaRMSNorm"):
+        find_targets(tiny_model("llama"), include=r"input_layernorm")
+
+
+def test_unsupported_architecture_is_an_error():
+    model = tiny_model("llama")
+    model.config.num_hidden_layers = 99
+    with pytest.raises(HfCompressError, match="unsupported architecture"):
+        find_targets(model)
+
+
+def test_no_match_is_an_error():
+    with pytest.raises(HfCompressError, match="no Linear layers"):
+        find_targets(tiny_model("llama"), include=r"nothing_like_this")
+
+
+def test_dead_values_leave_the_computation():
+    model = tiny_model("llama")
+    layer = inject(model, AcipConfig(basis="plain"))["model.layers.0.mlp.down_proj"]
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        layer.mask[:10] = -1.0
+        layer.update_scores()
+    assert layer.rank == 54 and layer._vt.shape == (54, 96) and layer._u.shape == (64, 54)
+    kept = (layer.u[:, 10:] * layer.s[10:]) @ layer.vt[10:]
+    torch.testing.assert_close(layer(x), x @ kept.t(), rtol=1e-5, atol=1e-5)
+    assert (layer.score[:10] == -1).all() and (layer.score[10:] > 0).all()
+    copy.deepcopy(layer)  # the compacted tensors survive copying
