@@ -1,11 +1,29 @@
-"""Held-out perplexity with one protocol: non-overlapping windows, token-level mean NLL."""
+"""Measure models: held-out perplexity with one protocol, and lm-eval tasks on in-memory models.
+
+Perplexity protocol: the text is tokenized and cut into non-overlapping windows of `seq_len`
+tokens (no BOS added, no context carried across windows); perplexity = exp(mean NLL) over every
+predicted token (seq_len - 1 per window). Default: the `builtin` held-out split, 512-token
+windows, all of them.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import platform
+import random
+import re
+from importlib.metadata import version
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .data import builtin_text
+from .errors import HfCompressError
+from .models import cache_dir, size_report
+
+BUILTIN_TASK = "pydoc_cloze"
 
 
 @torch.no_grad()
@@ -24,3 +42,149 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, show_progress:
         total_tokens += batch[:, 1:].numel()
     return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens,
             "windows": len(windows), "seq_len": windows.shape[1]}
+
+
+# --- lm-eval -------------------------------------------------------------------------------
+
+
+def builtin_task_dir(n_items: int = 200, seed: int = 0) -> Path:
+    """An offline lm-eval task, written once: pick the sentence that really comes next.
+
+    Items come from the last 20% (by characters) of the builtin corpus: the context is one
+    sentence, the choices are the sentence that follows it and three sentences drawn from
+    elsewhere in that part. Scored by lm-eval's multiple-choice log-likelihood (acc, acc_norm).
+    """
+    folder = cache_dir() / "lm_eval_tasks" / f"{BUILTIN_TASK}-v1"
+    yaml_path = folder / f"{BUILTIN_TASK}.yaml"
+    if yaml_path.is_file():
+        return folder
+    text = builtin_text()
+    heldout = text[int(len(text) * 0.8):]
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(heldout.split()))]
+    sentences = [s for s in sentences if 8 <= len(s.split()) <= 40]
+    rng = random.Random(seed)
+    starts = rng.sample(range(len(sentences) - 1), n_items)
+    rows = []
+    for start in starts:
+        distractors = rng.sample([s for i, s in enumerate(sentences) if i not in (start, start + 1)], 3)
+        label = rng.randrange(4)
+        choices = distractors[:label] + [sentences[start + 1]] + distractors[label:]
+        rows.append({"context": sentences[start], "choices": choices, "label": label})
+    folder.mkdir(parents=True, exist_ok=True)
+    data_path = folder / f"{BUILTIN_TASK}.jsonl"
+    data_path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    yaml_path.write_text(
+        f"task: {BUILTIN_TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files: {json.dumps(str(data_path))}\n"
+        "test_split: train\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\n"
+        "metric_list:\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n"
+    )
+    return folder
+
+
+def lm_eval_tasks(model, tokenizer, tasks: list[str], include_path: str | None = None,
+                  limit: int | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
+    """Run lm-eval's simple_evaluate on the in-memory model; returns {task: {metric: value}}."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise HfCompressError("lm-eval tasks need the lm-eval package: pip install 'hf-compress[eval]'") from None
+    paths = [str(builtin_task_dir())] + ([include_path] if include_path else [])
+    manager = TaskManager(include_path=paths)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise HfCompressError(f"unknown lm-eval task(s) {unknown}; local task YAMLs go in --include-path")
+    device = str(next(model.parameters()).device)
+    wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    output = simple_evaluate(wrapper, tasks=tasks, task_manager=manager, limit=limit,
+                             log_samples=False, bootstrap_iters=0)
+    results = {}
+    for task, metrics in output["results"].items():
+        results[task] = {name.split(",")[0]: value for name, value in metrics.items()
+                         if isinstance(value, (int, float)) and "stderr" not in name}
+    return results
+
+
+# --- one evaluation record, results files, plots ------------------------------------------
+
+
+def evaluate(model, tokenizer, windows: torch.Tensor | None, tasks: list[str] = (), **task_options) -> dict:
+    """Perplexity and task metrics of one model, with its size."""
+    report = size_report(model)
+    record = {key: report[key] for key in ("size_ratio", "target_params", "target_dense_params",
+                                           "model_params", "model_bytes")}
+    if windows is not None:
+        record["perplexity"] = perplexity(model, windows)["perplexity"]
+    if tasks:
+        record["tasks"] = lm_eval_tasks(model, tokenizer, list(tasks), **task_options)
+    return record
+
+
+def versions() -> dict:
+    names = ("hf-compress", "torch", "transformers", "accelerate", "lm_eval")
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except Exception:  # not installed
+            continue
+    return found | {"python": platform.python_version()}
+
+
+def model_index(name: str, records: list[dict], dataset: str) -> list[dict]:
+    """Results in the Hub model card's `model-index` shape (one entry per evaluated size)."""
+    entries = []
+    for record in records:
+        results = []
+        if "perplexity" in record:
+            results.append({"task": {"type": "text-generation", "name": "Perplexity"},
+                            "dataset": {"type": dataset, "name": dataset},
+                            "metrics": [{"type": "perplexity", "value": round(record["perplexity"], 4)}]})
+        for task, metrics in record.get("tasks", {}).items():
+            results.append({"task": {"type": "text-generation", "name": task},
+                            "dataset": {"type": task, "name": task},
+                            "metrics": [{"type": m, "value": round(v, 4)} for m, v in metrics.items()]})
+        entries.append({"name": f"{name}@{record['size_ratio']:.2f}", "results": results})
+    return entries
+
+
+def plot_curve(records: list[dict], path: str | Path, title: str) -> None:
+    """Quality against size ratio and against bytes, one line per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = sorted(records, key=lambda r: r["size_ratio"])
+    series = {}
+    if all("perplexity" in r for r in records):
+        series["perplexity (lower is better)"] = [r["perplexity"] for r in records]
+    for task in records[0].get("tasks", {}):
+        for metric in records[0]["tasks"][task]:
+            series[f"{task} {metric}"] = [r["tasks"][task][metric] for r in records]
+    if not series:
+        raise HfCompressError("nothing to plot: evaluate perplexity or at least one task")
+    fig, axes = plt.subplots(len(series), 2, figsize=(10, 3.2 * len(series)), squeeze=False)
+    for row, (label, values) in zip(axes, series.items()):
+        for ax, xs, xlabel in ((row[0], [r["size_ratio"] for r in records], "size ratio (targeted layers)"),
+                               (row[1], [r["model_bytes"] / 2**20 for r in records], "model size (MiB)")):
+            ax.plot(xs, values, marker="o")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            if label.startswith("perplexity"):
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -81,7 +81,10 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto"):
     """
     source = str(source)
     if source == DEMO:
-        source = str(demo_checkpoint())
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():  # one process converts, the others wait
+            source = str(demo_checkpoint())
     if source.endswith(".gguf"):
         path = Path(source)
         if not path.is_file():
