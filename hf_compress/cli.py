@@ -129,6 +129,107 @@ def info(
         _print_report(report)
 
 
+@app.command("eval")
+def evaluate_command(
+    path: str = typer.Argument(..., help=f"A compressible directory, a materialized checkpoint, or a model ({MODEL_HELP})"),
+    size_ratios: str = typer.Option("0.4,0.6,0.8,1.0", help="Sizes to evaluate from a compressible directory."),
+    dataset: str = typer.Option("builtin", help="Perplexity text: 'builtin' (its held-out split), a file, or a Hub dataset id."),
+    dataset_config: Optional[str] = typer.Option(None, help="Hub dataset configuration name."),
+    dataset_split: str = typer.Option("test", help="Hub dataset split."),
+    text_column: str = typer.Option("text", help="Column holding the text."),
+    seq_len: int = typer.Option(512, help="Tokens per perplexity window."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows (default: all)."),
+    no_perplexity: bool = typer.Option(False, help="Skip perplexity (tasks only)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated lm-eval tasks, e.g. pydoc_cloze (offline, built in)."),
+    include_path: Optional[str] = typer.Option(None, help="Folder of local lm-eval task YAMLs."),
+    limit: Optional[int] = typer.Option(None, help="lm-eval: at most this many documents per task."),
+    batch_size: int = typer.Option(4, help="Batch size for perplexity and lm-eval."),
+    output: Optional[Path] = typer.Option(None, help="Write results (with protocol and versions) to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, help="Write the size/quality curve to this PNG."),
+):
+    """Perplexity and lm-eval tasks of a model, or of many sizes from one compressible directory."""
+    from . import evaluate as ev
+    from .acip.compressible import META_FILE
+    from .data import calibration_data
+    from .models import load_model
+
+    task_list = [t for t in (tasks or "").split(",") if t]
+    if no_perplexity and not task_list:
+        raise HfCompressError("nothing to evaluate: drop --no-perplexity or name --tasks")
+    if (Path(path) / META_FILE).is_file():
+        from .acip import CompressibleModel
+
+        ratios = _parse_ratios(size_ratios)
+        compressible = CompressibleModel.from_pretrained(path)
+        tokenizer = compressible.tokenizer
+        models = (compressible.materialize(r) for r in ratios)
+    else:
+        net, tokenizer = load_model(path)
+        models = iter([net])
+    windows = None
+    if not no_perplexity:
+        split = "heldout" if dataset == "builtin" else "calibration"
+        windows = calibration_data(tokenizer, dataset, seq_len=seq_len, split=split, max_windows=max_windows,
+                                   text_column=text_column, dataset_config=dataset_config,
+                                   dataset_split=dataset_split)
+    records = []
+    for model in models:
+        record = ev.evaluate(model, tokenizer, windows, task_list, include_path=include_path, limit=limit,
+                             batch_size=batch_size)
+        records.append(record)
+        console.print(f"size ratio {record['size_ratio']:.3f}: " + _summarize(record), highlight=False)
+    _print_records(records)
+    protocol = {
+        "perplexity": None if windows is None else {
+            "dataset": dataset, "split": "heldout" if dataset == "builtin" else dataset_split,
+            "seq_len": seq_len, "windows": len(windows), "tokens": len(windows) * (seq_len - 1),
+            "method": "non-overlapping windows, token-level mean NLL, exp"},
+        "tasks": task_list, "limit": limit,
+    }
+    result = {"model": str(path), "protocol": protocol, "versions": ev.versions(), "results": records,
+              "model_index": ev.model_index(Path(path).name or str(path), records,
+                                            dataset if windows is not None else "")}
+    targets = [output] if output else []
+    if Path(path).is_dir():  # beside the weights, where the model card and `push` look for it
+        targets.append(Path(path) / ev.RESULTS_FILE)
+    for target in targets:
+        ev.write_json(result, target)
+        console.print(f"[green]wrote[/green] {target}")
+    if plot:
+        ev.plot_curve(records, plot, title=str(path))
+        console.print(f"[green]wrote[/green] {plot}")
+
+
+def _parse_ratios(text: str) -> list[float]:
+    try:
+        ratios = sorted({float(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise HfCompressError(f"--size-ratios must be comma-separated numbers, got '{text}'") from None
+    for ratio in ratios:
+        _check_ratio(ratio)
+    return ratios
+
+
+def _summarize(record: dict) -> str:
+    parts = [f"perplexity {record['perplexity']:.3f}"] if "perplexity" in record else []
+    for task, metrics in record.get("tasks", {}).items():
+        parts += [f"{task} {name} {value:.4f}" for name, value in metrics.items()]
+    return ", ".join(parts)
+
+
+def _print_records(records: list[dict]) -> None:
+    columns = ["size ratio", "targeted params", "model MiB"]
+    columns += ["perplexity"] if "perplexity" in records[0] else []
+    metric_names = [(t, m) for t, metrics in records[0].get("tasks", {}).items() for m in metrics]
+    table = Table(*columns, *[f"{t} {m}" for t, m in metric_names])
+    for r in records:
+        cells = [f"{r['size_ratio']:.3f}", f"{r['target_params']:,}", f"{r['model_bytes'] / 2**20:.1f}"]
+        cells += [f"{r['perplexity']:.3f}"] if "perplexity" in r else []
+        cells += [f"{r['tasks'][t][m]:.4f}" for t, m in metric_names]
+        table.add_row(*cells)
+    Console().print(table)
+
+
 def _compressible_report(path: Path) -> dict:
     from .acip import CompressibleModel
 

@@ -8,6 +8,7 @@ windows, all of them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -24,6 +25,7 @@ from .errors import HfCompressError
 from .models import cache_dir, size_report
 
 BUILTIN_TASK = "pydoc_cloze"
+RESULTS_FILE = "eval_results.json"
 
 
 @torch.no_grad()
@@ -96,11 +98,9 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], include_path: str | None =
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise HfCompressError("lm-eval tasks need the lm-eval package: pip install 'hf-compress[eval]'") from None
-    paths = [str(builtin_task_dir())] + ([include_path] if include_path else [])
-    manager = TaskManager(include_path=paths)
+    manager = _task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise HfCompressError(f"unknown lm-eval task(s) {unknown}; local task YAMLs go in --include-path")
@@ -111,22 +111,31 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], include_path: str | None =
     results = {}
     for task, metrics in output["results"].items():
         results[task] = {name.split(",")[0]: value for name, value in metrics.items()
-                         if isinstance(value, (int, float)) and "stderr" not in name}
+                         if isinstance(value, (int, float)) and "stderr" not in name and name != "sample_len"}
     return results
+
+
+@functools.cache
+def _task_manager(include_path: str | None):
+    """Indexing lm-eval's thousands of task YAMLs takes a while: once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(builtin_task_dir())] + ([include_path] if include_path else []))
 
 
 # --- one evaluation record, results files, plots ------------------------------------------
 
 
-def evaluate(model, tokenizer, windows: torch.Tensor | None, tasks: list[str] = (), **task_options) -> dict:
+def evaluate(model, tokenizer, windows: torch.Tensor | None, tasks: list[str] = (), batch_size: int = 4,
+             **task_options) -> dict:
     """Perplexity and task metrics of one model, with its size."""
     report = size_report(model)
     record = {key: report[key] for key in ("size_ratio", "target_params", "target_dense_params",
                                            "model_params", "model_bytes")}
     if windows is not None:
-        record["perplexity"] = perplexity(model, windows)["perplexity"]
+        record["perplexity"] = perplexity(model, windows, batch_size, show_progress=True)["perplexity"]
     if tasks:
-        record["tasks"] = lm_eval_tasks(model, tokenizer, list(tasks), **task_options)
+        record["tasks"] = lm_eval_tasks(model, tokenizer, list(tasks), batch_size=batch_size, **task_options)
     return record
 
 
@@ -156,6 +165,15 @@ def model_index(name: str, records: list[dict], dataset: str) -> list[dict]:
                             "metrics": [{"type": m, "value": round(v, 4)} for m, v in metrics.items()]})
         entries.append({"name": f"{name}@{record['size_ratio']:.2f}", "results": results})
     return entries
+
+
+def write_json(data: dict, path: str | Path) -> None:
+    """Write via a temporary file and a rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def plot_curve(records: list[dict], path: str | Path, title: str) -> None:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,22 @@ def test_materialize_reload_in_fresh_process_and_generate(compressible, tmp_path
     done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                           cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.stdout.strip()
+
+
+def test_eval_sweep_with_the_builtin_lm_eval_task(compressible, tmp_path):
+    cli("eval", compressible, "--size-ratios", "0.6,1.0", "--max-windows", 2, "--tasks", "pydoc_cloze",
+        "--limit", 12, "--output", tmp_path / "r.json", "--plot", tmp_path / "c.png")
+    small, full = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert full["perplexity"] < small["perplexity"]
+    assert 0 <= small["tasks"]["pydoc_cloze"]["acc"] <= 1
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_benchmark_runs_in_reduced_form(tmp_path):
+    """The benchmark is not a test, but it must not rot: run it with a handful of steps."""
+    bench = Path(__file__).parents[1] / "bench" / "compare_demo.py"
+    subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    results = json.loads((tmp_path / "compare_demo.json").read_text())
+    assert set(results["perplexity"]) >= {"plain SVD, uniform", "whitened SVD, uniform", "ACIP"}
+    assert (tmp_path / "compare_demo.png").is_file()

@@ -103,11 +103,22 @@ class CompressibleModel:
             lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
         return dict(zip(self.layers, ranks_for(lo)))
 
-    def materialize(self, size_ratio: float) -> PreTrainedModel:
+    def uniform_ranks(self, size_ratio: float) -> dict[str, int]:
+        """Every layer at `size_ratio` of its own size (the uniform-allocation baseline)."""
+        ranks = {}
+        for name, f in self.layers.items():
+            budget, rank = size_ratio * f.shape.dense_params, len(f.score)
+            while rank and f.params(rank) > budget:
+                rank -= 1
+            ranks[name] = rank
+        return ranks
+
+    def materialize(self, size_ratio: float | None = None, ranks: dict[str, int] | None = None) -> PreTrainedModel:
         """A transformers model at `size_ratio` of the targeted parameters: factorized layers
-        become two small Linears; layers that end up dense are rebuilt at full rank; LoRA merged."""
+        become two small Linears; layers that end up dense are rebuilt at full rank; LoRA merged.
+        Explicit per-layer `ranks` (each layer's best values first) override the global order."""
         start = time.perf_counter()
-        ranks = self.ranks_at(size_ratio)
+        ranks = self.ranks_at(size_ratio) if ranks is None else ranks
         model = copy.deepcopy(self.base_model)
         factorized, params = {}, 0
         for name, rank in ranks.items():

@@ -99,6 +99,38 @@ def soft_ratio(layers: dict[str, SVDLinear], cap: float) -> float:
     return kept / sum(layer.shape.dense_params for layer in layers.values())
 
 
+def shuffled(data: torch.Tensor, seed: int) -> torch.Tensor:
+    """The pass's fixed data order (whitening uses its first windows)."""
+    return data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))]
+
+
+def svd_form(model, data: torch.Tensor, config: AcipConfig, device) -> tuple[dict, dict]:
+    """Put `model` on `device` in SVD form (whitened on the first windows of `data` if asked).
+    Returns the SVDLinear layers and the original modules, parked on CPU, by name."""
+    model.requires_grad_(False).to(device)
+    originals = find_targets(model, config.include, config.exclude)
+    choleskys = None
+    if config.basis == "whitened":
+        windows = data[: config.whitening_windows].to(device)
+        choleskys = input_choleskys(model, originals, windows.split(config.batch_size))
+    layers = inject(model, config, choleskys)
+    for module in originals.values():
+        module.to("cpu")  # kept only to be put back afterwards
+    return layers, originals
+
+
+def svd_compressible(model, data: torch.Tensor, config: AcipConfig | None = None, **overrides) -> CompressibleModel:
+    """The closed-form baseline: no pass, every value scored by its singular value (plain or
+    whitened basis, as in SVD-LLM). Materialize it with explicit `ranks` for a per-layer
+    allocation, or with a ratio for a global singular-value threshold."""
+    config = config or AcipConfig(**overrides)
+    layers, originals = svd_form(model, shuffled(data, config.seed), config, Accelerator().device)
+    for layer in layers.values():
+        layer.score.copy_(layer.s)
+    summary = {"method": f"{config.basis} SVD", "steps": 0}
+    return _to_compressible(model, layers, originals, config, summary, tokenizer=None)
+
+
 def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokenizer=None,
          progress_dir: str | Path | None = None, show_progress: bool = True,
          **overrides) -> CompressibleModel:
@@ -124,18 +156,8 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             f"{config.max_steps} steps x {config.batch_size} windows exceed the {len(data)} calibration "
             "windows; the data will be cycled"
         )
-    data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))]
-
-    model.requires_grad_(False).to(accelerator.device)
-    originals = {n: m for n, m in find_targets(model, config.include, config.exclude).items()}
-    choleskys = None
-    if config.basis == "whitened":
-        windows = data[: config.whitening_windows].to(accelerator.device)
-        choleskys = input_choleskys(model, originals, windows.split(config.batch_size))
-    layers = inject(model, config, choleskys)
-    del choleskys
-    for module in originals.values():
-        module.to("cpu")  # kept only to be put back after the pass
+    data = shuffled(data, config.seed)
+    layers, originals = svd_form(model, data, config, accelerator.device)
 
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
     optimizers = [torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0)] if loras else []
