@@ -26,7 +26,7 @@ class AcipConfig:
     whitening_windows: int = 16  # calibration windows for the input covariance
     mask_init: float = 1.0
     mask_lr: float | None = None  # None: derived from max_steps (see `learning_rate`)
-    lambda_init: float = 0.05  # in units of the RMS of the masks' loss gradient
+    lambda_init: float = 0.5  # in units of the mean |gate gradient|: about where deaths begin
     lambda_growth: float | None = None  # per-step factor; None derives it from max_steps
     schedule_fraction: float = 0.8
     lora_rank: int = 0

@@ -163,7 +163,8 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     optimizers = [torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0)] if loras else []
     loader = DataLoader(TensorDataset(data), batch_size=config.batch_size, drop_last=True)
 
-    state = {"step": 0, "lam": config.lambda_init, "history": []}
+    state = {"step": 0, "lam": config.lambda_init, "history": [],
+             "start_soft_ratio": soft_ratio(layers, config.mask_init)}
     progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
     if progress is not None and progress.is_file():
         state = _resume(progress, config, layers, optimizers)
@@ -171,7 +172,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     for layer in layers.values():
         layer.compact()
 
-    ratio, start_soft_ratio = size_ratio(layers), soft_ratio(layers, config.mask_init)
+    ratio = size_ratio(layers)
     bar = tqdm(total=config.max_steps, initial=state["step"], desc="ACIP",
                disable=not (show_progress and accelerator.is_main_process))
     # Eval mode: no dropout, so the ranking is deterministic and equal across processes.
@@ -189,7 +190,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             layer.update_scores()
         state["step"] += 1
         ratio = size_ratio(layers)
-        target = config.target_ratio(state["step"], start_soft_ratio)
+        target = config.target_ratio(state["step"], state["start_soft_ratio"])
         loss_value = accelerator.reduce(loss.detach(), "mean").item()
         state["history"].append({"step": state["step"], "size_ratio": round(ratio, 5), "lambda": state["lam"],
                                  "loss": round(loss_value, 4), "seconds": round(time.perf_counter() - started, 3)})
