@@ -29,6 +29,8 @@ from hf_compress.checkpoint import save_checkpoint
 from hf_compress.evaluate import perplexity, versions
 from hf_compress.models import find_targets
 
+from _report import save_and_print
+
 HERE = Path(__file__).parent
 
 # Run in a fresh process per checkpoint: load, time a forward pass, report peak resident memory
@@ -179,14 +181,9 @@ def main():
         "wall_seconds": time.perf_counter() - wall,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare_demo.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / "compare_demo.png")
-    print(json.dumps(results, indent=2))
-    print("\n| method | " + " | ".join(f"{r:.1f}" for r in ratios) + " |")
-    print("|---" * (len(ratios) + 1) + "|")
-    for name, row in table.items():
-        print(f"| {name} | " + " | ".join(f"{row[str(r)]:.2f}" for r in ratios) + " |")
-
+    save_and_print(args.out, "compare_demo", results, [f"{r:.1f}" for r in ratios],
+                   {name: [f"{row[str(r)]:.2f}" for r in ratios] for name, row in table.items()})
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,10 @@
 from .acip import AcipConfig, CompressibleModel, acip
 from .data import calibration_data
 from .errors import HfCompressError
+from .fold import FoldConfig, fold
 from .models import load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["AcipConfig", "CompressibleModel", "HfCompressError", "acip", "calibration_data", "load_model"]
+__all__ = ["AcipConfig", "CompressibleModel", "FoldConfig", "HfCompressError", "acip", "calibration_data",
+           "fold", "load_model"]

@@ -67,16 +67,21 @@ def model_class_for(config):
     return AutoModelForCausalLM
 
 
-def mark_factorized(model: PreTrainedModel, ranks: dict[str, int], **info) -> None:
-    """Record in the config what `factorize_` needs to rebuild this model, and how to load it."""
-    base = getattr(model.config, "hf_compress", {}).get("base_architecture", type(model).__name__)
-    model.config.hf_compress = {
-        "format_version": FORMAT_VERSION,
-        "base_architecture": base,
-        "ranks": dict(ranks),
-        **info,
-    }
-    model.config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{CLASS_NAME}"}
+def mark_compressed(model: PreTrainedModel, ranks: dict | None = None, shapes: dict | None = None,
+                    **info) -> None:
+    """Record in the config what rebuilds this model's layers (`ranks` of factorized layers,
+    `shapes` of resized ones) and what it was made by. A model whose layers differ from its base
+    architecture gets `auto_map` and becomes the class that also saves the modeling file."""
+    previous = getattr(model.config, "hf_compress", None) or {}
+    ranks = dict(ranks or {})
+    shapes = dict(previous.get("shapes", {}) if shapes is None else shapes)
+    base = previous.get("base_architecture", type(model).__name__)
+    model.config.hf_compress = {**previous, **info, "format_version": FORMAT_VERSION,
+                                "base_architecture": base, "shapes": shapes, "ranks": ranks}
+    if ranks or shapes:
+        model.config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{CLASS_NAME}"}
+        if not isinstance(model, HfCompressMixin):
+            model.__class__ = compressed_class(type(model))  # same weights, saves its modeling file
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer, output: str | Path, overwrite=False) -> Path:

@@ -109,6 +109,51 @@ def materialize(
     )
 
 
+@app.command("fold")
+def fold_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    ratio: float = typer.Option(..., help="Fraction of MLP channels kept in each folded block, in (0, 1]."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
+    heads_ratio: float = typer.Option(1.0, help="Fraction of key/value head groups kept (1.0: attention untouched)."),
+    layers: str = typer.Option("all", help="Blocks to fold: 'all' or indices and ranges, e.g. '2-27'."),
+    method: str = typer.Option("kmeans", help="'kmeans' (merge clusters) or 'magnitude' (prune, the baseline)."),
+    variance_correction: bool = typer.Option(False, help="Rescale merged units to their members' norm."),
+    protect: float = typer.Option(0.0, help="Fraction of largest-norm units kept out of the clustering."),
+    seed: int = typer.Option(0, help="k-means seed."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+):
+    """Fold a model data-free into a smaller one of the same architecture."""
+    from .checkpoint import save_checkpoint
+    from .fold import FoldConfig, fold
+    from .io import check_output
+    from .models import load_model
+
+    config = FoldConfig(ratio=ratio, heads_ratio=heads_ratio, layers=_parse_layers(layers), method=method,
+                        variance_correction=variance_correction, protect=protect, seed=seed)
+    check_output(output, overwrite)
+    net, tokenizer = load_model(model)
+    start = time.perf_counter()
+    fold(net, config)
+    seconds = time.perf_counter() - start
+    save_checkpoint(net, tokenizer, output, overwrite=overwrite)
+    info = net.config.hf_compress
+    kind = "per-layer sizes (self-contained, trust_remote_code)" if info["shapes"] else "same architecture, no remote code"
+    console.print(f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}, {kind}, folded in {seconds:.1f} s")
+
+
+def _parse_layers(text: str) -> list[int] | None:
+    if text.strip() == "all":
+        return None
+    layers = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            layers += list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise HfCompressError(f"--layers takes 'all' or indices and ranges like '0-3,7', got '{text}'") from None
+    return layers
+
+
 @app.command()
 def info(
     path: str = typer.Argument(..., help=f"A compressible directory or a model ({MODEL_HELP})"),

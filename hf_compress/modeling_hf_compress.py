@@ -5,8 +5,9 @@ lines that subclass the base architecture, so that
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works with only torch and
 transformers installed. It must import nothing but torch and transformers.
 
-`config.hf_compress["ranks"]` maps a module name to the rank it is stored at; every other
-module is the base architecture's own.
+`config.hf_compress["shapes"]` maps a module name to its [in, out] size (layers folded to
+different sizes in different blocks) and `config.hf_compress["ranks"]` to the rank it is
+stored at; every other module is the base architecture's own.
 """
 
 import torch
@@ -29,24 +30,43 @@ class FactorizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def _replace_(model: nn.Module, name: str, make) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, child_name)
+    if hasattr(old, "nf"):  # transformers Conv1D stores its weight as in x out
+        in_features, out_features = old.weight.shape
+    else:
+        in_features, out_features = old.in_features, old.out_features
+    new = make(old, in_features, out_features)
+    setattr(parent, child_name, new.to(device=old.weight.device, dtype=old.weight.dtype))
+
+
 def factorize_(model: nn.Module, ranks: dict) -> nn.Module:
     """Replace each module named in `ranks` by an (uninitialized) FactorizedLinear of that rank."""
     for name, rank in ranks.items():
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child_name)
-        if hasattr(old, "nf"):  # transformers Conv1D stores its weight as in x out
-            in_features, out_features = old.weight.shape
-        else:
-            in_features, out_features = old.in_features, old.out_features
-        new = FactorizedLinear(in_features, out_features, rank, bias=old.bias is not None)
-        setattr(parent, child_name, new.to(device=old.weight.device, dtype=old.weight.dtype))
+        _replace_(model, name, lambda old, i, o: FactorizedLinear(i, o, rank, bias=old.bias is not None))
+    return model
+
+
+def _layer_like(old: nn.Module, in_features: int, out_features: int) -> nn.Module:
+    if hasattr(old, "nf"):
+        return type(old)(out_features, in_features)
+    return nn.Linear(in_features, out_features, bias=old.bias is not None)
+
+
+def resize_(model: nn.Module, shapes: dict) -> nn.Module:
+    """Replace each module named in `shapes` by an (uninitialized) layer of the same type with
+    [in_features, out_features] as given: folded layers whose sizes differ between blocks."""
+    for name, (in_features, out_features) in shapes.items():
+        _replace_(model, name, lambda old, i, o: _layer_like(old, in_features, out_features))
     return model
 
 
 class HfCompressMixin:
-    """Put before a transformers *ForCausalLM class: builds the factorized layers on init."""
+    """Put before a transformers *ForCausalLM class: builds resized and factorized layers."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        factorize_(self, config.hf_compress["ranks"])
+        resize_(self, config.hf_compress.get("shapes", {}))
+        factorize_(self, config.hf_compress.get("ranks", {}))

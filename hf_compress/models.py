@@ -158,7 +158,9 @@ def size_report(model: PreTrainedModel) -> dict:
                        "params": params, "dense_params": shape.dense_params})
     params = list(model.parameters())  # tied weights counted once
     target_params = sum(layer["params"] for layer in layers)
-    target_dense = sum(layer["dense_params"] for layer in layers)
+    # A folded model's layers are smaller than its original's: the config remembers those.
+    recorded = getattr(model.config, "hf_compress", {}).get("target_dense_params")
+    target_dense = recorded or sum(layer["dense_params"] for layer in layers)
     return {
         "architecture": getattr(model.config, "hf_compress", {}).get("base_architecture", type(model).__name__),
         "layers": layers,

@@ -70,3 +70,32 @@ def test_benchmark_runs_in_reduced_form(tmp_path):
     results = json.loads((tmp_path / "compare_demo.json").read_text())
     assert set(results["perplexity"]) >= {"plain SVD, uniform", "whitened SVD, uniform", "ACIP"}
     assert (tmp_path / "compare_demo.png").is_file()
+
+
+def test_fold_demo_reload_without_remote_code_and_generate(tmp_path):
+    out = tmp_path / "folded"
+    cli("fold", "demo", "--ratio", 0.9, "--output", out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == 1382 and "auto_map" not in config
+    report = json.loads(cli("info", out, "--json").stdout)
+    assert 0.9 < report["size_ratio"] < 0.95
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_compress"] = None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained("{out}")
+        model = AutoModelForCausalLM.from_pretrained("{out}")
+        ids = tok("The for statement", return_tensors="pt").input_ids
+        print(tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.stdout.strip()
+
+
+def test_fold_benchmark_runs_in_reduced_form(tmp_path):
+    bench = Path(__file__).parents[1] / "bench" / "fold_demo.py"
+    subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    results = json.loads((tmp_path / "fold_demo.json").read_text())
+    assert {"magnitude pruning", "k-means fold"} <= set(results["perplexity"])

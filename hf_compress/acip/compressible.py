@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..checkpoint import compressed_class, mark_factorized
+from ..checkpoint import mark_compressed
 from ..errors import HfCompressError
 from ..io import atomic_dir
 from ..models import LayerShape, dense_weight, read_json, set_dense_weight
@@ -134,15 +134,14 @@ class CompressibleModel:
         factorize_(model, {name: r for name, (r, _) in factorized.items()})
         for name, (_, bias) in factorized.items():
             self._fill(model.get_submodule(name), self.layers[name], ranks[name], bias)
-        mark_factorized(
+        mark_compressed(
             model,
-            {name: r for name, (r, _) in factorized.items()},
+            ranks={name: r for name, (r, _) in factorized.items()},
             method="acip",
             size_ratio=round(params / self.dense_params, 6),
             target_params=params,
             target_dense_params=self.dense_params,
         )
-        model.__class__ = compressed_class(type(model))  # saves its own modeling file
         model.materialize_seconds = time.perf_counter() - start
         return model.eval()
 
