@@ -88,10 +88,14 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ceiling = 1000
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, points in results["perplexity"].items():
         ratios = sorted(float(r) for r in points)
-        ax.plot(ratios, [points[str(r)] for r in ratios], marker="o", label=method)
+        values = [points[str(r)] for r in ratios]
+        label = method + (f" (above {ceiling}: off the chart)" if max(values) > ceiling else "")
+        ax.plot(ratios, values, marker="o", label=label)
+    ax.set_ylim(results["dense_perplexity"] * 0.7, ceiling)
     ax.axhline(results["dense_perplexity"], color="gray", linestyle="--", label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("size ratio (targeted Linear layers)")

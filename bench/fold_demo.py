@@ -45,7 +45,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.9,0.8,0.7")
     parser.add_argument("--heldout-windows", type=int, default=8)
-    parser.add_argument("--acip-steps", type=int, default=60)
+    parser.add_argument("--acip-steps", type=int, default=30)
     parser.add_argument("--combined-ratio", type=float, default=0.6)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--quick", action="store_true")
@@ -60,18 +60,20 @@ def main():
                                    max_windows=args.heldout_windows)
     dense_ppl = perplexity(model, heldout)["perplexity"]
     n_blocks = model.config.num_hidden_layers
-    variants = {
-        "magnitude pruning": dict(method="magnitude"),
-        "k-means fold": dict(),
-        "k-means fold + variance correction": dict(variance_correction=True),
-        "k-means fold, 5% largest protected": dict(protect=0.05),
-        "k-means fold, blocks 2..n-3 only": dict(layers=list(range(2, n_blocks - 2))),
-        "k-means fold + heads (2 of 3 KV groups)": dict(heads_ratio=2 / 3),
+    every = dict(layers=[0, 1]) if args.quick else {}  # quick: two blocks are enough to run the code
+    variants = {  # name: (settings, MLP ratios)
+        "magnitude pruning": (dict(method="magnitude", **every), ratios),
+        "k-means fold": (dict(every), ratios),
+        "k-means fold + variance correction": (dict(variance_correction=True, **every), ratios),
+        "k-means fold, 5% largest protected": (dict(protect=0.05, **every), ratios[:1]),
+        "k-means fold, blocks 2..n-3 only": (dict(layers=[1] if args.quick else list(range(2, n_blocks - 2))),
+                                             ratios[:1]),
+        "k-means fold + heads (2 of 3 KV groups)": (dict(heads_ratio=2 / 3, **every), ratios[:1]),
     }
     table, sizes, seconds = {}, {}, {}
-    for name, settings in variants.items():
+    for name, (settings, variant_ratios) in variants.items():
         table[name], sizes[name] = {}, {}
-        for ratio in ratios:
+        for ratio in variant_ratios:
             start = time.perf_counter()
             folded = hfc.fold(copy.deepcopy(model), ratio=ratio, show_progress=False, **settings)
             seconds.setdefault(name, time.perf_counter() - start)
@@ -84,7 +86,7 @@ def main():
     data = hfc.calibration_data(tokenizer, "builtin", seq_len=128)
     settings = dict(max_steps=args.acip_steps, stop_ratio=0.4, batch_size=4, show_progress=False)
     alone = hfc.acip(copy.deepcopy(model), data, **settings).materialize(args.combined_ratio)
-    folded = hfc.fold(copy.deepcopy(model), ratio=0.9, show_progress=False)
+    folded = hfc.fold(copy.deepcopy(model), ratio=0.9, show_progress=False, **every)
     fold_ratio = folded.config.hf_compress["size_ratio"]
     on_fold = hfc.acip(folded, data, **settings).materialize(args.combined_ratio / fold_ratio)
     composed = {"combined_ratio": args.combined_ratio, "acip_steps": args.acip_steps,
@@ -105,8 +107,8 @@ def main():
         "wall_seconds": time.perf_counter() - wall,
     }
     save_and_print(args.out, "fold_demo", results, [f"MLP {r:.1f}" for r in ratios],
-                   {name: [f"{row[str(r)]:.1f} ({sizes[name][str(r)]:.2f})" for r in ratios]
-                    for name, row in table.items()})
+                   {name: [f"{row[str(r)]:.1f} ({sizes[name][str(r)]:.2f})" if str(r) in row else "–"
+                           for r in ratios] for name, row in table.items()})
 
 if __name__ == "__main__":
     main()

@@ -1,63 +1,80 @@
-"""Vectorized k-means in torch: PCA to a few hundred dimensions, k-means++ seeding, then Lloyd
-iterations. Deterministic per seed.
+"""Vectorized k-means in torch: random projection to a few hundred dimensions, seeding by
+merging mutual nearest neighbours, then Lloyd iterations. Deterministic per seed.
 
-Written here rather than taken from scikit-learn: with k close to n (folding keeps most
-channels) sklearn's KMeans took tens of minutes on the demo model (DESIGN.md section 4).
+Folding keeps most units (k close to n), where k-means++ seeding needs k sequential steps and
+scikit-learn's KMeans took tens of minutes on the demo model (DESIGN.md section 4). Merging the
+closest mutual-nearest-neighbour pairs a round at a time reaches k clusters in a few batched
+rounds and leaves the far-apart units alone, which is what a good seeding for k ~ n should do.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def _squared_distances(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    return ((points * points).sum(1, keepdim=True) - 2 * points @ centers.t()
-            + (centers * centers).sum(1)).clamp_min_(0)
-
-
 def project(points: torch.Tensor, dims: int, seed: int) -> torch.Tensor:
-    """The rows' coordinates on their top `dims` principal directions (randomized PCA)."""
+    """A Gaussian random projection to `dims` dimensions: it keeps pairwise distances to within
+    a few percent (Johnson-Lindenstrauss), which is what k-means looks at, for one matmul."""
     x = points.float()
-    if min(x.shape) <= dims:
+    if x.shape[1] <= dims:
         return x
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        u, s, _ = torch.pca_lowrank(x, q=dims, center=True, niter=2)
-    return u * s
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(x.shape[1], dims, generator=generator).to(x.device) / math.sqrt(dims)
+    return x @ projection
 
 
 def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20, dims: int = 256) -> torch.Tensor:
-    """Cluster the rows of `points` (n x d) into `k` groups; returns labels in [0, k).
-    Distances are taken after PCA to `dims` dimensions, which keeps most of the spread."""
+    """Cluster the rows of `points` (n x d) into `k` groups; returns labels in [0, k)."""
     n = len(points)
     if k >= n:
         return torch.arange(n, device=points.device)
     x = project(points, dims, seed)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
-    nearest = _squared_distances(x, x[chosen[-1]][None]).squeeze(1)
-    for _ in range(k - 1):  # k-means++: next center drawn with probability ~ squared distance
-        weights = nearest.cpu().double()
-        if weights.sum() <= 0:
-            weights = torch.ones(n, dtype=torch.double)
-        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
-        nearest = torch.minimum(nearest, _squared_distances(x, x[chosen[-1]][None]).squeeze(1))
-    centers = x[chosen].clone()
+    squared = (x * x).sum(1)
+
+    def distances(centers: torch.Tensor) -> torch.Tensor:
+        return (squared[:, None] - 2 * x @ centers.t() + (centers * centers).sum(1)).clamp_min_(0)
+
+    centers = _merge_seed(x, k)
     labels = None
     for _ in range(iterations):
-        distances = _squared_distances(x, centers)
-        new_labels = distances.argmin(1)
+        new_labels = distances(centers).argmin(1)
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
         counts = torch.bincount(labels, minlength=k)
         sums = torch.zeros_like(centers).index_add_(0, labels, x)
-        empty = counts == 0
-        centers = torch.where(empty[:, None], centers, sums / counts.clamp_min(1)[:, None])
-        if empty.any():  # re-seed empty clusters with the points farthest from their center
-            far = distances.gather(1, labels[:, None]).squeeze(1).argsort(descending=True)
-            centers[empty] = x[far[: int(empty.sum())]]
-    return _fill_empty(labels, _squared_distances(x, centers), k)
+        centers = torch.where((counts == 0)[:, None], centers, sums / counts.clamp_min(1)[:, None])
+    return _fill_empty(labels, distances(centers), k)
+
+
+def _merge_seed(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k centers: rounds of merging the closest mutual nearest neighbours (pairs of groups)."""
+    labels = torch.arange(len(x), device=x.device)
+    groups = len(x)
+    while groups > k:
+        counts = torch.bincount(labels, minlength=groups).float()[:, None]
+        centers = torch.zeros(groups, x.shape[1], device=x.device).index_add_(0, labels, x) / counts
+        d = _pairwise(centers)
+        d.fill_diagonal_(float("inf"))
+        nearest_d, nearest = d.min(1)
+        ids = torch.arange(groups, device=x.device)
+        mutual = (nearest[nearest] == ids) & (ids < nearest)  # each mutual pair once
+        order = nearest_d[mutual].argsort()[: groups - k]
+        first, second = ids[mutual][order], nearest[mutual][order]
+        merged_into = ids.clone()
+        merged_into[second] = first
+        _, merged_into = torch.unique(merged_into, return_inverse=True)  # renumber 0..groups'-1
+        labels = merged_into[labels]
+        groups -= len(order)
+    counts = torch.bincount(labels, minlength=k).float()[:, None]
+    return torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels, x) / counts
+
+
+def _pairwise(points: torch.Tensor) -> torch.Tensor:
+    squared = (points * points).sum(1)
+    return (squared[:, None] - 2 * points @ points.t() + squared).clamp_min_(0)
 
 
 def _fill_empty(labels: torch.Tensor, distances: torch.Tensor, k: int) -> torch.Tensor:
