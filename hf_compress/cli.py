@@ -272,7 +272,7 @@ def _print_records(records: list[dict]) -> None:
         cells += [f"{r['perplexity']:.3f}"] if "perplexity" in r else []
         cells += [f"{r['tasks'][t][m]:.4f}" for t, m in metric_names]
         table.add_row(*cells)
-    Console().print(table)
+    Console(soft_wrap=True).print(table)
 
 
 def _compressible_report(path: Path) -> dict:
@@ -291,7 +291,7 @@ def _compressible_report(path: Path) -> dict:
 
 
 def _print_report(report: dict) -> None:
-    out = Console()
+    out = Console(soft_wrap=True)
     if "compressible" in report:
         out.print(f"compressible directory {report['compressible']}: pass {report['summary']}")
         table = Table("size ratio", "targeted params", "factorized layers")
