@@ -115,10 +115,11 @@ def fold_command(
     ratio: float = typer.Option(..., help="Fraction of MLP channels kept in each folded block, in (0, 1]."),
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
     heads_ratio: float = typer.Option(1.0, help="Fraction of key/value head groups kept (1.0: attention untouched)."),
-    layers: str = typer.Option("all", help="Blocks to fold: 'all' or indices and ranges, e.g. '2-27'."),
+    layers: str = typer.Option(
+        "middle", help="Schedule: 'middle' (all but the first two and last two blocks), 'all' (same architecture, "
+        "no remote code), or blocks and ranges with optional ratios, e.g. '2-27' or '2-9=0.95,10-27=0.8'."),
     method: str = typer.Option("kmeans", help="'kmeans' (merge clusters) or 'magnitude' (prune, the baseline)."),
     variance_correction: bool = typer.Option(False, help="Rescale merged units to their members' norm."),
-    protect: float = typer.Option(0.0, help="Fraction of largest-norm units kept out of the clustering."),
     seed: int = typer.Option(0, help="k-means seed."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
 ):
@@ -128,8 +129,8 @@ def fold_command(
     from .io import check_output
     from .models import load_model
 
-    config = FoldConfig(ratio=ratio, heads_ratio=heads_ratio, layers=_parse_layers(layers), method=method,
-                        variance_correction=variance_correction, protect=protect, seed=seed)
+    config = FoldConfig(ratio=ratio, heads_ratio=heads_ratio, layers=_parse_layers(layers, ratio), method=method,
+                        variance_correction=variance_correction, seed=seed)
     check_output(output, overwrite)
     net, tokenizer = load_model(model)
     start = time.perf_counter()
@@ -141,17 +142,21 @@ def fold_command(
     console.print(f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}, {kind}, folded in {seconds:.1f} s")
 
 
-def _parse_layers(text: str) -> list[int] | None:
-    if text.strip() == "all":
-        return None
-    layers = []
+def _parse_layers(text: str, ratio: float) -> str | dict[int, float]:
+    """'middle', 'all', or '0-3,7' / '2-9=0.95,10-27=0.8' (blocks without a ratio take --ratio)."""
+    if text.strip() in ("middle", "all"):
+        return text.strip()
+    plan = {}
     try:
         for part in text.split(","):
-            low, _, high = part.partition("-")
-            layers += list(range(int(low), int(high or low) + 1))
+            blocks, _, block_ratio = part.partition("=")
+            low, _, high = blocks.partition("-")
+            plan |= dict.fromkeys(range(int(low), int(high or low) + 1), float(block_ratio) if block_ratio else ratio)
     except ValueError:
-        raise HfCompressError(f"--layers takes 'all' or indices and ranges like '0-3,7', got '{text}'") from None
-    return layers
+        raise HfCompressError(
+            f"--layers takes 'middle', 'all' or blocks and ranges like '0-3,7' or '2-9=0.95,10-27=0.8', got '{text}'"
+        ) from None
+    return plan
 
 
 @app.command()

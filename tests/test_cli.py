@@ -87,3 +87,19 @@ def test_existing_output_needs_overwrite(monkeypatch, capsys, compressible_dir, 
                      tmp_path / "m", "--overwrite")
     assert code in (0, None) and (tmp_path / "m" / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary leftovers
+
+
+def test_fold_with_per_block_ratios(monkeypatch, capsys, tmp_path):
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    code, _, err = run(monkeypatch, capsys, "fold", tmp_path / "tiny", "--ratio", 0.5, "--layers", "0=0.75,1",
+                       "--output", tmp_path / "folded")
+    assert code in (0, None) and "trust_remote_code" in err
+    shapes = json.loads((tmp_path / "folded" / "config.json").read_text())["hf_compress"]["shapes"]
+    assert shapes["model.layers.0.mlp.up_proj"] == [64, 72] and shapes["model.layers.1.mlp.up_proj"] == [64, 48]
+
+
+def test_fold_bad_layers(monkeypatch, capsys, tmp_path):
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    code, _, err = run(monkeypatch, capsys, "fold", tmp_path / "tiny", "--ratio", 0.5, "--layers", "first",
+                       "--output", tmp_path / "folded")
+    assert code == 1 and "--layers takes" in error_line(err) and not (tmp_path / "folded").exists()

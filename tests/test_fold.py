@@ -61,7 +61,7 @@ def test_folding_duplicated_head_groups_is_exact(arch):
 
 
 def test_uniform_fold_keeps_the_architecture_and_reloads_without_remote_code(tmp_path):
-    model = fold(tiny_model("llama"), ratio=0.75, heads_ratio=0.5, show_progress=False)
+    model = fold(tiny_model("llama"), ratio=0.75, heads_ratio=0.5, layers="all", show_progress=False)
     assert model.config.intermediate_size == 72 and model.config.head_dim == 16
     save_checkpoint(model, None, tmp_path / "f")
     config = json.loads((tmp_path / "f" / "config.json").read_text())
@@ -102,6 +102,29 @@ def test_info_reports_folded_sizes_against_the_original():
     assert report["target_params"] < original["target_params"] and report["size_ratio"] < 0.8
 
 
+def test_default_schedule_spares_the_first_two_and_last_two_blocks():
+    assert FoldConfig(ratio=0.8).schedule(30) == dict.fromkeys(range(2, 28), 0.8)
+    assert FoldConfig(ratio=0.8).schedule(2) == {0: 0.8, 1: 0.8}  # too few blocks to spare any
+    assert FoldConfig(ratio=0.8, layers="all").schedule(4) == dict.fromkeys(range(4), 0.8)
+    assert FoldConfig(ratio=0.8, layers=[3, 1]).schedule(4) == {1: 0.8, 3: 0.8}
+    assert FoldConfig(layers={"2": 0.5, 0: 0.9}).schedule(4) == {0: 0.9, 2: 0.5}
+
+
+def test_per_block_ratios():
+    model = fold(tiny_model("llama"), layers={0: 0.5, 1: 0.75}, show_progress=False)
+    assert [block.mlp.up_proj.out_features for block in model.model.layers] == [48, 72]
+    assert model.config.intermediate_size == 96 and model.config.hf_compress["shapes"]
+
+
+def test_a_cluster_merges_rows_by_output_weighted_mean_and_sums_columns():
+    block = tiny_model("llama").model.layers[0]
+    up, down = dense_weight(block.mlp.up_proj).clone(), dense_weight(block.mlp.down_proj).clone()
+    weights = down.pow(2).sum(0)  # each channel's output column, squared norm
+    fold_site(block, mlp_site(block), 1e-3, FoldConfig())  # every channel into one
+    torch.testing.assert_close(dense_weight(block.mlp.up_proj)[0], weights @ up / weights.sum())
+    torch.testing.assert_close(dense_weight(block.mlp.down_proj)[:, 0], down.sum(1))
+
+
 def test_magnitude_keeps_the_largest_channels():
     model = tiny_model("llama")
     block = model.model.layers[0]
@@ -121,17 +144,21 @@ def test_kmeans_is_deterministic_and_fills_every_cluster():
     assert torch.bincount(labels, minlength=250).min() >= 1
 
 
-def test_acip_on_a_folded_model():
-    folded = fold(tiny_model("llama"), ratio=0.75, show_progress=False)
+@pytest.mark.parametrize("layers", ["all", [1]])
+def test_acip_on_a_folded_model(layers, tmp_path):
+    folded = fold(tiny_model("llama"), ratio=0.75, layers=layers, show_progress=False)
     result = acip(folded, tiny_data(), max_steps=6, batch_size=4, show_progress=False)
     small = result.materialize(0.5)
-    assert small(tiny_data(2)).logits.isfinite().all()
     assert small.config.hf_compress["fold"]["ratio"] == 0.75 and small.config.hf_compress["ranks"]
+    save_checkpoint(small, None, tmp_path / "s")
+    data = tiny_data(2)
+    torch.testing.assert_close(load_model(tmp_path / "s")[0](data).logits, small(data).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(ratio=0), "ratio must be in"), (dict(heads_ratio=1.5), "heads ratio must be in"),
     (dict(method="ward"), "fold method"), (dict(layers=[5]), "block indices"),
+    (dict(layers="edges"), "fold layers must be one of"), (dict(layers={0: 1.5}), "ratio of block 0"),
 ])
 def test_bad_fold_settings(kwargs, message):
     with pytest.raises(HfCompressError, match=message):

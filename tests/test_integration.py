@@ -74,7 +74,7 @@ def test_benchmark_runs_in_reduced_form(tmp_path):
 
 def test_fold_demo_reload_without_remote_code_and_generate(tmp_path):
     out = tmp_path / "folded"
-    cli("fold", "demo", "--ratio", 0.9, "--output", out)
+    cli("fold", "demo", "--ratio", 0.9, "--layers", "all", "--output", out)
     config = json.loads((out / "config.json").read_text())
     assert config["intermediate_size"] == 1382 and "auto_map" not in config
     report = json.loads(cli("info", out, "--json").stdout)
@@ -93,9 +93,22 @@ def test_fold_demo_reload_without_remote_code_and_generate(tmp_path):
     assert done.stdout.strip()
 
 
+def test_default_fold_of_the_demo_beats_magnitude_pruning():
+    import hf_compress as hfc
+    from hf_compress.evaluate import perplexity
+
+    model, tokenizer = hfc.load_model("demo")
+    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=256, split="heldout", max_windows=2)
+    folded = hfc.fold(hfc.load_model("demo")[0], ratio=0.9, show_progress=False)
+    pruned = hfc.fold(model, ratio=0.9, method="magnitude", show_progress=False)
+    assert folded.config.hf_compress["size_ratio"] == pruned.config.hf_compress["size_ratio"] < 0.95
+    assert perplexity(folded, heldout)["perplexity"] < perplexity(pruned, heldout)["perplexity"]
+
+
 def test_fold_benchmark_runs_in_reduced_form(tmp_path):
     bench = Path(__file__).parents[1] / "bench" / "fold_demo.py"
     subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], check=True,
                    capture_output=True)
     results = json.loads((tmp_path / "fold_demo.json").read_text())
     assert {"magnitude pruning", "k-means fold"} <= set(results["perplexity"])
+    assert (tmp_path / "fold_demo.png").is_file()

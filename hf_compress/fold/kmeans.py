@@ -1,10 +1,10 @@
-"""Vectorized k-means in torch: random projection to a few hundred dimensions, seeding by
-merging mutual nearest neighbours, then Lloyd iterations. Deterministic per seed.
+"""Weighted k-means in torch: random projection to a few hundred dimensions, seeding by
+rounds of pairing close units, then Lloyd iterations. Deterministic per seed.
 
 Folding keeps most units (k close to n), where k-means++ seeding needs k sequential steps and
-scikit-learn's KMeans took tens of minutes on the demo model (DESIGN.md section 4). Merging the
-closest mutual-nearest-neighbour pairs a round at a time reaches k clusters in a few batched
-rounds and leaves the far-apart units alone, which is what a good seeding for k ~ n should do.
+scikit-learn's KMeans took tens of minutes on the demo model (DESIGN.md section 4). Pairing the
+closest units a round at a time reaches k clusters in a few batched rounds and leaves the
+far-apart units alone, which is what a good seeding for k ~ n should do.
 """
 
 from __future__ import annotations
@@ -16,60 +16,77 @@ import torch
 
 def project(points: torch.Tensor, dims: int, seed: int) -> torch.Tensor:
     """A Gaussian random projection to `dims` dimensions: it keeps pairwise distances to within
-    a few percent (Johnson-Lindenstrauss), which is what k-means looks at, for one matmul."""
+    a few percent (Johnson-Lindenstrauss), which is what k-means looks at, for one matmul. Few
+    points (head groups) are cheaper to cluster as they are."""
     x = points.float()
-    if x.shape[1] <= dims:
+    if min(x.shape) <= dims:
         return x
     generator = torch.Generator().manual_seed(seed)
     projection = torch.randn(x.shape[1], dims, generator=generator).to(x.device) / math.sqrt(dims)
     return x @ projection
 
 
-def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20, dims: int = 256) -> torch.Tensor:
-    """Cluster the rows of `points` (n x d) into `k` groups; returns labels in [0, k)."""
+def weighted_means(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-cluster mean of the rows of `x`, each row counted with its weight (k x d)."""
+    totals = torch.zeros(k, device=x.device).index_add_(0, labels, weights)
+    sums = torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels, x * weights[:, None])
+    return sums / totals.clamp_min(torch.finfo(totals.dtype).tiny)[:, None]
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20, dims: int = 256,
+           weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cluster the rows of `points` (n x d) into `k` groups minimizing the weighted squared
+    distance to the centers (each center the weighted mean of its members); returns labels."""
     n = len(points)
     if k >= n:
         return torch.arange(n, device=points.device)
     x = project(points, dims, seed)
+    weights = torch.ones(n, device=x.device) if weights is None else weights.float().clamp_min(1e-12)
     squared = (x * x).sum(1)
 
     def distances(centers: torch.Tensor) -> torch.Tensor:
         return (squared[:, None] - 2 * x @ centers.t() + (centers * centers).sum(1)).clamp_min_(0)
 
-    centers = _merge_seed(x, k)
-    labels = None
+    labels = _pair_seed(x, k, weights)
+    centers = weighted_means(x, labels, weights, k)
     for _ in range(iterations):
         new_labels = distances(centers).argmin(1)
-        if labels is not None and torch.equal(new_labels, labels):
+        if torch.equal(new_labels, labels):
             break
         labels = new_labels
-        counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(centers).index_add_(0, labels, x)
-        centers = torch.where((counts == 0)[:, None], centers, sums / counts.clamp_min(1)[:, None])
+        empty = torch.bincount(labels, minlength=k) == 0
+        centers = torch.where(empty[:, None], centers, weighted_means(x, labels, weights, k))
     return _fill_empty(labels, distances(centers), k)
 
 
-def _merge_seed(x: torch.Tensor, k: int) -> torch.Tensor:
-    """k centers: rounds of merging the closest mutual nearest neighbours (pairs of groups)."""
+CANDIDATES = 8  # nearest neighbours a group may pair with in one seeding round
+
+
+def _pair_seed(x: torch.Tensor, k: int, weights: torch.Tensor) -> torch.Tensor:
+    """Labels of k groups: rounds of greedy matching (closest candidate pairs first, each group
+    paired at most once a round) until k groups are left. Letting every group join its nearest
+    neighbour instead makes the few units near the origin, which are everybody's nearest
+    neighbour, absorb the rest one round at a time: hundreds of rounds and a worse fold."""
     labels = torch.arange(len(x), device=x.device)
     groups = len(x)
     while groups > k:
-        counts = torch.bincount(labels, minlength=groups).float()[:, None]
-        centers = torch.zeros(groups, x.shape[1], device=x.device).index_add_(0, labels, x) / counts
-        d = _pairwise(centers)
+        d = _pairwise(weighted_means(x, labels, weights, groups))
         d.fill_diagonal_(float("inf"))
-        nearest_d, nearest = d.min(1)
-        ids = torch.arange(groups, device=x.device)
-        mutual = (nearest[nearest] == ids) & (ids < nearest)  # each mutual pair once
-        order = nearest_d[mutual].argsort()[: groups - k]
-        first, second = ids[mutual][order], nearest[mutual][order]
-        merged_into = ids.clone()
-        merged_into[second] = first
-        _, merged_into = torch.unique(merged_into, return_inverse=True)  # renumber 0..groups'-1
-        labels = merged_into[labels]
-        groups -= len(order)
-    counts = torch.bincount(labels, minlength=k).float()[:, None]
-    return torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels, x) / counts
+        nearest_d, nearest = d.topk(min(CANDIDATES, groups - 1), dim=1, largest=False)
+        order = nearest_d.flatten().argsort()
+        merged_into, taken, merges = list(range(groups)), [False] * groups, 0
+        for a, b in zip((order // nearest.shape[1]).tolist(), nearest.flatten()[order].tolist()):
+            if taken[a] or taken[b]:
+                continue
+            taken[a] = taken[b] = True
+            merged_into[max(a, b)] = min(a, b)
+            merges += 1
+            if merges == groups - k:
+                break
+        _, renumbered = torch.unique(torch.tensor(merged_into, device=x.device), return_inverse=True)
+        labels = renumbered[labels]
+        groups -= merges
+    return labels
 
 
 def _pairwise(points: torch.Tensor) -> torch.Tensor:

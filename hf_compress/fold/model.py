@@ -21,7 +21,7 @@ from ..checkpoint import mark_compressed
 from ..errors import HfCompressError
 from ..models import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight
 from .config import FoldConfig
-from .kmeans import kmeans
+from .kmeans import kmeans, weighted_means
 
 
 @dataclass(frozen=True)
@@ -131,18 +131,21 @@ def _replace(block, path: str, new: nn.Module) -> None:
     setattr(block.get_submodule(parent) if parent else block, child, new)
 
 
-def assign(features: torch.Tensor, k: int, config: FoldConfig) -> torch.Tensor:
+def assign(inputs: torch.Tensor, outputs: torch.Tensor, k: int, config: FoldConfig) -> torch.Tensor:
     """Cluster label in [0, k) of each unit, or -1 for a unit that is dropped (magnitude)."""
-    norms = features.norm(dim=1)
-    labels = torch.full((len(features),), -1, dtype=torch.long, device=features.device)
-    protected = k if config.method == "magnitude" else min(int(config.protect * len(features)), k - 1)
-    keep = norms.topk(protected).indices.sort().values if protected else norms[:0].long()
-    labels[keep] = torch.arange(protected, device=features.device)
-    if config.method == "kmeans":
-        rest = torch.ones(len(features), dtype=torch.bool, device=features.device)
-        rest[keep] = False
-        labels[rest] = protected + kmeans(features[rest], k - protected, config.seed, config.iterations)
-    return labels
+    if config.method == "magnitude":
+        labels = torch.full((len(inputs),), -1, dtype=torch.long, device=inputs.device)
+        keep = torch.cat([inputs, outputs], dim=1).norm(dim=1).topk(k).indices.sort().values
+        labels[keep] = torch.arange(k, device=inputs.device)
+        return labels
+    return kmeans(inputs, k, config.seed, config.iterations, weights=output_weights(outputs))
+
+
+def output_weights(outputs: torch.Tensor) -> torch.Tensor:
+    """How much a unit's input-side error costs: its output columns' squared norm. To first order,
+    replacing a unit's input rows by a nearby center c moves the block's output by
+    |output column| * |rows - c|, so a cluster's rows are merged by the mean weighted with this."""
+    return outputs.pow(2).sum(1)
 
 
 def variance_scale(inputs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -158,21 +161,26 @@ def variance_scale(inputs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.
 
 
 def fold_site(block: nn.Module, site: Site, ratio: float, config: FoldConfig) -> int:
-    """Fold one site of one block in place; returns the number of units kept."""
+    """Fold one site of one block in place; returns the number of units kept.
+
+    Units are clustered by their input side (rows and biases they own), each counted with the
+    weight of its output side; a cluster's input side becomes the weighted mean of its members'
+    and its output side their sum."""
     n = site.reads[0].units
     k = max(1, round(ratio * n))
     if k == n:
         return n
     reads = [_read_rows(block, seg) for seg in site.reads]
     writes = [_read_columns(block, seg) for seg in site.writes]
-    inputs = torch.cat([w for w, _ in reads], dim=1)
-    labels = assign(torch.cat([inputs, *writes], dim=1), k, config)
+    inputs = torch.cat([w for w, _ in reads] + [b for _, b in reads if b is not None], dim=1)
+    outputs = torch.cat(writes, dim=1)
+    labels = assign(inputs, outputs, k, config)
     kept = labels >= 0
-    counts = torch.bincount(labels[kept], minlength=k).float()[:, None]
+    weights = output_weights(outputs[kept])
     scale = variance_scale(inputs, labels, k)[:, None] if config.variance_correction else 1.0
 
     def mean(x):
-        return torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels[kept], x[kept]) / counts * scale
+        return weighted_means(x[kept], labels[kept], weights, k) * scale
 
     def total(x):
         return torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels[kept], x[kept])
@@ -197,25 +205,23 @@ def fold_site(block: nn.Module, site: Site, ratio: float, config: FoldConfig) ->
 @torch.no_grad()
 def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress: bool = True,
          **overrides) -> PreTrainedModel:
-    """Fold `model` in place and return it. Folding every block at one ratio keeps the
-    architecture (smaller intermediate_size / head counts, no remote code needed); folding some
-    blocks records the per-layer shapes for the self-contained checkpoint format."""
+    """Fold `model` in place and return it. Folding every block at one ratio (layers="all")
+    keeps the architecture (smaller intermediate_size / head counts, no remote code needed);
+    any other schedule records per-layer shapes for the self-contained checkpoint format."""
     config = config or FoldConfig(**overrides)
-    prefix, blocks = decoder_blocks(model)
-    layers = list(range(len(blocks))) if config.layers is None else sorted(set(config.layers))
-    if not layers or layers[0] < 0 or layers[-1] >= len(blocks):
-        raise HfCompressError(f"fold layers must be block indices in [0, {len(blocks)}), got {config.layers}")
+    _, blocks = decoder_blocks(model)
+    plan = config.schedule(len(blocks))
     dense_params = sum(layer_shape(m).dense_params for m in find_targets(model).values())
-    uniform = len(layers) == len(blocks)
+    uniform = len(plan) == len(blocks) and len(set(plan.values())) == 1
     if config.heads_ratio < 1 and not uniform and _counts_heads(blocks[0]):
         raise HfCompressError(
             f"{type(blocks[0].self_attn).__name__} reads its head counts from the config, so its heads can "
-            "only be folded in every block (drop --layers)"
+            "only be folded with --layers all"
         )
     kept_channels, kept_groups = set(), set()
-    for index in tqdm(layers, desc="folding", disable=not show_progress, leave=False):
+    for index, ratio in tqdm(plan.items(), desc="folding", disable=not show_progress, leave=False):
         block = blocks[index]
-        kept_channels.add(fold_site(block, mlp_site(block), config.ratio, config))
+        kept_channels.add(fold_site(block, mlp_site(block), ratio, config))
         if config.heads_ratio < 1:
             kept_groups.add(fold_site(block, attention_site(block, model.config), config.heads_ratio, config))
     if uniform:
