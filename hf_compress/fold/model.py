@@ -1,10 +1,11 @@
 """Data-free folding: cluster structurally similar units of a block and merge each cluster.
 
 A unit is an MLP channel (its rows in gate/up, its column in down) or a key/value head group
-(a KV head with its query heads: rows in q/k/v, columns in o). Each unit is the concatenation of
-those rows and columns; units are clustered with k-means; a cluster becomes one unit whose
-input-side rows are the members' mean and whose output-side columns are their sum, so a cluster
-of identical units computes exactly what they computed together.
+(a KV head with its query heads: rows in q/k/v, columns in o). Units are clustered with
+k-means on their input-side rows, each weighted by the squared norm of its output-side
+columns; a cluster becomes one unit whose rows are the members' weighted mean and whose
+columns are their sum, so a cluster of identical units computes exactly what they computed
+together.
 """
 
 from __future__ import annotations
@@ -161,11 +162,8 @@ def variance_scale(inputs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.
 
 
 def fold_site(block: nn.Module, site: Site, ratio: float, config: FoldConfig) -> int:
-    """Fold one site of one block in place; returns the number of units kept.
-
-    Units are clustered by their input side (rows and biases they own), each counted with the
-    weight of its output side; a cluster's input side becomes the weighted mean of its members'
-    and its output side their sum."""
+    """Fold one site of one block in place, as the module docstring says (row biases count as
+    input side); returns the number of units kept."""
     n = site.reads[0].units
     k = max(1, round(ratio * n))
     if k == n:
