@@ -37,7 +37,8 @@ PROGRESS_FILE = "progress.pt"
 
 
 @torch.no_grad()
-def input_choleskys(model: nn.Module, targets: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
+def input_choleskys(model: nn.Module, targets: dict[str, nn.Module], batches,
+                    show_progress: bool = True) -> dict[str, torch.Tensor]:
     """Cholesky factors of each target's input covariance over the calibration batches."""
     covariances = {name: 0.0 for name in targets}
 
@@ -49,7 +50,7 @@ def input_choleskys(model: nn.Module, targets: dict[str, nn.Module], batches) ->
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
     try:
-        for batch in tqdm(batches, desc="input covariance", leave=False):
+        for batch in tqdm(batches, desc="input covariance", leave=False, disable=not show_progress):
             model(input_ids=batch)
     finally:
         for handle in handles:
@@ -68,11 +69,11 @@ def _cholesky(cov: torch.Tensor) -> torch.Tensor:
     raise HfCompressError("input covariance is not positive definite even after damping")
 
 
-def inject(model: nn.Module, config: AcipConfig, choleskys=None) -> dict[str, SVDLinear]:
+def inject(model: nn.Module, config: AcipConfig, choleskys=None, show_progress: bool = True) -> dict[str, SVDLinear]:
     """Replace every target in place by its SVDLinear; return them by name."""
     targets = find_targets(model, config.include, config.exclude)
     layers = {}
-    for name, module in tqdm(targets.items(), desc="SVD of target layers", leave=False):
+    for name, module in tqdm(targets.items(), desc="SVD of target layers", leave=False, disable=not show_progress):
         layer = SVDLinear(module, (choleskys or {}).get(name), config.mask_init,
                           config.lora_rank, config.lora_alpha)
         parent_name, _, child = name.rpartition(".")
@@ -104,7 +105,7 @@ def shuffled(data: torch.Tensor, seed: int) -> torch.Tensor:
     return data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))]
 
 
-def svd_form(model, data: torch.Tensor, config: AcipConfig, device) -> tuple[dict, dict]:
+def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progress: bool = True) -> tuple[dict, dict]:
     """Put `model` on `device` in SVD form (whitened on the first windows of `data` if asked).
     Returns the SVDLinear layers and the original modules, parked on CPU, by name."""
     model.requires_grad_(False).to(device)
@@ -112,8 +113,8 @@ def svd_form(model, data: torch.Tensor, config: AcipConfig, device) -> tuple[dic
     choleskys = None
     if config.basis == "whitened":
         windows = data[: config.whitening_windows].to(device)
-        choleskys = input_choleskys(model, originals, windows.split(config.batch_size))
-    layers = inject(model, config, choleskys)
+        choleskys = input_choleskys(model, originals, windows.split(config.batch_size), show_progress)
+    layers = inject(model, config, choleskys, show_progress)
     for module in originals.values():
         module.to("cpu")  # kept only to be put back afterwards
     return layers, originals
@@ -157,7 +158,8 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             "windows; the data will be cycled"
         )
     data = shuffled(data, config.seed)
-    layers, originals = svd_form(model, data, config, accelerator.device)
+    show_progress = show_progress and accelerator.is_main_process
+    layers, originals = svd_form(model, data, config, accelerator.device, show_progress)
 
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
     optimizers = [torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0)] if loras else []
@@ -174,7 +176,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
 
     ratio = size_ratio(layers)
     bar = tqdm(total=config.max_steps, initial=state["step"], desc="ACIP",
-               disable=not (show_progress and accelerator.is_main_process))
+               disable=not show_progress)
     # Eval mode: no dropout, so the ranking is deterministic and equal across processes.
     for (batch,) in _cycle(accelerator, loader, state["step"]):
         if state["step"] >= config.max_steps or ratio <= config.stop_ratio:
