@@ -70,13 +70,15 @@ def model_class_for(config):
 def mark_compressed(model: PreTrainedModel, ranks: dict | None = None, shapes: dict | None = None,
                     **info) -> None:
     """Record in the config what rebuilds this model's layers (`ranks` of factorized layers,
-    `shapes` of resized ones) and what it was made by. A model whose layers differ from its base
+    `shapes` of resized ones), what it was made by and from (`source`: the Hub id or path the
+    original was loaded from). A model whose layers differ from its base
     architecture gets `auto_map` and becomes the class that also saves the modeling file."""
     previous = getattr(model.config, "hf_compress", None) or {}
+    source = info.pop("source", None) or previous.get("source") or model.config.name_or_path or None
     ranks = dict(ranks or {})
     shapes = dict(previous.get("shapes", {}) if shapes is None else shapes)
     base = previous.get("base_architecture", type(model).__name__)
-    model.config.hf_compress = {**previous, **info, "format_version": FORMAT_VERSION,
+    model.config.hf_compress = {**previous, **info, "format_version": FORMAT_VERSION, "source": source,
                                 "base_architecture": base, "shapes": shapes, "ranks": ranks}
     if ranks or shapes:
         model.config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{CLASS_NAME}"}

@@ -250,6 +250,26 @@ def evaluate_command(
         console.print(f"[green]wrote[/green] {plot}")
 
 
+@app.command()
+def push(
+    path: Path = typer.Argument(..., help="A checkpoint or compressible directory written by hf-compress."),
+    repo_id: str = typer.Option(..., help="Hub repository, 'user/name' (created if missing)."),
+    private: bool = typer.Option(False, help="Create the repository as private."),
+    dry_run: bool = typer.Option(False, help="Check the directory and print the card and file list; no network."),
+    token: Optional[str] = typer.Option(None, help="Hub token (default: the one `hf auth login` stored)."),
+):
+    """Upload a directory to the Hub in one commit, with a model card made from what it records."""
+    from .hub import push as push_directory
+
+    plan = push_directory(path, repo_id, private=private, dry_run=dry_run, token=token)
+    if dry_run:
+        print(plan["card"])
+    card = "its own README.md" if plan["own_card"] else "a generated model card"
+    where = plan.get("url", f"{repo_id} (dry run, nothing uploaded)")
+    console.print(f"[green]{'would push' if dry_run else 'pushed'}[/green] {len(plan['files'])} files with {card} "
+                  f"to {where}", highlight=False)
+
+
 def _parse_ratios(text: str) -> list[float]:
     try:
         ratios = sorted({float(r) for r in text.split(",") if r.strip()})

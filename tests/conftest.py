@@ -55,3 +55,16 @@ def tokenizer():
 @pytest.fixture(autouse=True)
 def _quiet_threads():
     torch.set_num_threads(2)
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """Run `hf-compress ARGS` in this process; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from hf_compress.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["hf-compress", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err

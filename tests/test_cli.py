@@ -1,22 +1,12 @@
 """The command line: bad input gives one clear line and exit 1, nothing half-written."""
 
 import json
-import sys
 
 import pytest
 
-from conftest import tiny_data, tiny_model
+from conftest import run_cli, tiny_data, tiny_model
 from hf_compress import acip
 from hf_compress.acip.compressible import FACTORS_FILE
-from hf_compress.cli import main
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["hf-compress", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -33,37 +23,37 @@ def error_line(err):
 
 
 def test_materialize_and_info(monkeypatch, capsys, compressible_dir, tmp_path):
-    code, _, err = run(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5,
+    code, _, err = run_cli(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5,
                        "--output", tmp_path / "m")
     assert code in (0, None) and "size ratio 0.4" in err
-    code, out, _ = run(monkeypatch, capsys, "info", tmp_path / "m", "--json")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", tmp_path / "m", "--json")
     report = json.loads(out)
     assert report["size_ratio"] <= 0.5 and any(layer["rank"] for layer in report["layers"])
-    code, out, _ = run(monkeypatch, capsys, "info", compressible_dir, "--json")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", compressible_dir, "--json")
     assert [row["size_ratio"] for row in json.loads(out)["sizes"]][-1] == 1.0
 
 
 @pytest.mark.parametrize("ratio", [0, 1.5, -0.2])
 def test_ratio_out_of_range(monkeypatch, capsys, compressible_dir, tmp_path, ratio):
-    code, _, err = run(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", ratio,
+    code, _, err = run_cli(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", ratio,
                        "--output", tmp_path / "m")
     assert code == 1 and "ratio must be in (0, 1]" in error_line(err)
     assert not (tmp_path / "m").exists()
 
 
 def test_stop_ratio_out_of_range(monkeypatch, capsys, tmp_path):
-    code, _, err = run(monkeypatch, capsys, "compress", "demo", "--output", tmp_path / "c", "--stop-ratio", 1)
+    code, _, err = run_cli(monkeypatch, capsys, "compress", "demo", "--output", tmp_path / "c", "--stop-ratio", 1)
     assert code == 1 and "ratio must be in (0, 1)" in error_line(err)
 
 
 def test_unknown_model(monkeypatch, capsys, tmp_path):
-    code, _, err = run(monkeypatch, capsys, "compress", "no-such-org/no-such-model", "--output", tmp_path / "c")
+    code, _, err = run_cli(monkeypatch, capsys, "compress", "no-such-org/no-such-model", "--output", tmp_path / "c")
     assert code == 1 and "cannot load model 'no-such-org/no-such-model'" in error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_not_a_compressible_directory(monkeypatch, capsys, tmp_path):
-    code, _, err = run(monkeypatch, capsys, "materialize", tmp_path, "--size-ratio", 0.5, "--output", tmp_path / "m")
+    code, _, err = run_cli(monkeypatch, capsys, "materialize", tmp_path, "--size-ratio", 0.5, "--output", tmp_path / "m")
     assert code == 1 and "is not a compressible directory" in error_line(err)
 
 
@@ -74,16 +64,16 @@ def test_half_written_compressible_directory(monkeypatch, capsys, compressible_d
     shutil.copytree(compressible_dir, broken)
     data = (broken / FACTORS_FILE).read_bytes()
     (broken / FACTORS_FILE).write_bytes(data[: len(data) // 2])
-    code, _, err = run(monkeypatch, capsys, "materialize", broken, "--size-ratio", 0.5, "--output", tmp_path / "m")
+    code, _, err = run_cli(monkeypatch, capsys, "materialize", broken, "--size-ratio", 0.5, "--output", tmp_path / "m")
     assert code == 1 and "not a complete compressible directory" in error_line(err)
     assert not (tmp_path / "m").exists()
 
 
 def test_existing_output_needs_overwrite(monkeypatch, capsys, compressible_dir, tmp_path):
     (tmp_path / "m").mkdir()
-    code, _, err = run(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5, "--output", tmp_path / "m")
+    code, _, err = run_cli(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5, "--output", tmp_path / "m")
     assert code == 1 and "already exists; pass --overwrite" in error_line(err)
-    code, _, _ = run(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5, "--output",
+    code, _, _ = run_cli(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5, "--output",
                      tmp_path / "m", "--overwrite")
     assert code in (0, None) and (tmp_path / "m" / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary leftovers
@@ -91,7 +81,7 @@ def test_existing_output_needs_overwrite(monkeypatch, capsys, compressible_dir, 
 
 def test_fold_with_per_block_ratios(monkeypatch, capsys, tmp_path):
     tiny_model().save_pretrained(tmp_path / "tiny")
-    code, _, err = run(monkeypatch, capsys, "fold", tmp_path / "tiny", "--ratio", 0.5, "--layers", "0=0.75,1",
+    code, _, err = run_cli(monkeypatch, capsys, "fold", tmp_path / "tiny", "--ratio", 0.5, "--layers", "0=0.75,1",
                        "--output", tmp_path / "folded")
     assert code in (0, None) and "trust_remote_code" in err
     shapes = json.loads((tmp_path / "folded" / "config.json").read_text())["hf_compress"]["shapes"]
@@ -100,6 +90,6 @@ def test_fold_with_per_block_ratios(monkeypatch, capsys, tmp_path):
 
 def test_fold_bad_layers(monkeypatch, capsys, tmp_path):
     tiny_model().save_pretrained(tmp_path / "tiny")
-    code, _, err = run(monkeypatch, capsys, "fold", tmp_path / "tiny", "--ratio", 0.5, "--layers", "first",
+    code, _, err = run_cli(monkeypatch, capsys, "fold", tmp_path / "tiny", "--ratio", 0.5, "--layers", "first",
                        "--output", tmp_path / "folded")
     assert code == 1 and "--layers takes" in error_line(err) and not (tmp_path / "folded").exists()

@@ -138,6 +138,7 @@ class CompressibleModel:
             model,
             ranks={name: r for name, (r, _) in factorized.items()},
             method="acip",
+            source=self.summary.get("source"),
             size_ratio=round(params / self.dense_params, 6),
             target_params=params,
             target_dense_params=self.dense_params,

@@ -294,6 +294,7 @@ def _to_compressible(model, layers, originals, config, summary, tokenizer) -> Co
         )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, originals[name])
+    summary = {**summary, "source": model.config.name_or_path or None}
     return CompressibleModel(model.cpu(), factors, config, summary, tokenizer)
 
 
