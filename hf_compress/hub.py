@@ -26,7 +26,8 @@ def describe(path: str | Path) -> dict:
     if (path / META_FILE).is_file():
         meta = read_json(path / META_FILE, "compressible metadata")
         kind, info = "compressible", {**meta.get("summary", {}), "method": "acip", "config": meta.get("config")}
-        _check_safetensors(path / FACTORS_FILE)
+        if not (path / FACTORS_FILE).is_file():
+            raise HfCompressError(f"{path} is not a complete compressible directory (no {FACTORS_FILE})")
     elif "hf_compress" in config:
         kind, info = "checkpoint", config["hf_compress"]
     else:
@@ -38,7 +39,7 @@ def describe(path: str | Path) -> dict:
     for file in weights:
         _check_safetensors(file)
     results = path / RESULTS_FILE
-    return {"kind": kind, "info": info, "config": config, "remote_code": "auto_map" in config,
+    return {"kind": kind, "info": info, "remote_code": "auto_map" in config,
             "results": read_json(results, "evaluation results") if results.is_file() else None}
 
 

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_data, tiny_model
-from hf_compress import acip, fold
+from hf_compress import HfCompressError, acip, fold
+from hf_compress.acip.compressible import FACTORS_FILE
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.hub import model_card
 
@@ -44,6 +45,9 @@ def test_card_of_a_compressible_directory(tmp_path):
     card = str(model_card(tmp_path / "c", "me/tiny-acip"))
     assert "hf-compress materialize" in card and "base_model" not in card  # built from a config, no Hub id
     assert card_metadata(card)["tags"] == ["hf-compress", "acip"]
+    (tmp_path / "c" / FACTORS_FILE).unlink()
+    with pytest.raises(HfCompressError, match="not a complete compressible directory"):
+        model_card(tmp_path / "c", "me/tiny-acip")
 
 
 def test_a_directory_with_its_own_card_keeps_it(folded_dir):
