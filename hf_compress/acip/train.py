@@ -55,7 +55,7 @@ def input_choleskys(model: nn.Module, targets: dict[str, nn.Module], batches,
     finally:
         for handle in handles:
             handle.remove()
-    return {name: _cholesky(c) for name, c in covariances.items()}
+    return {name: _cholesky(covariances.pop(name)) for name in list(covariances)}  # one at a time in memory
 
 
 def _cholesky(cov: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ def inject(model: nn.Module, config: AcipConfig, choleskys=None, show_progress: 
     targets = find_targets(model, config.include, config.exclude)
     layers = {}
     for name, module in tqdm(targets.items(), desc="SVD of target layers", leave=False, disable=not show_progress):
-        layer = SVDLinear(module, (choleskys or {}).get(name), config.mask_init,
+        layer = SVDLinear(module, (choleskys or {}).pop(name, None), config.mask_init,  # freed as used
                           config.lora_rank, config.lora_alpha)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
