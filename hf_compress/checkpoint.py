@@ -67,6 +67,12 @@ def model_class_for(config):
     return AutoModelForCausalLM
 
 
+def source_of(model: PreTrainedModel) -> str | None:
+    """The Hub id or path the original model was loaded from, through earlier compressions too."""
+    recorded = (getattr(model.config, "hf_compress", None) or {}).get("source")
+    return recorded or model.config.name_or_path or None
+
+
 def mark_compressed(model: PreTrainedModel, ranks: dict | None = None, shapes: dict | None = None,
                     **info) -> None:
     """Record in the config what rebuilds this model's layers (`ranks` of factorized layers,
@@ -74,7 +80,7 @@ def mark_compressed(model: PreTrainedModel, ranks: dict | None = None, shapes: d
     original was loaded from). A model whose layers differ from its base
     architecture gets `auto_map` and becomes the class that also saves the modeling file."""
     previous = getattr(model.config, "hf_compress", None) or {}
-    source = info.pop("source", None) or previous.get("source") or model.config.name_or_path or None
+    source = info.pop("source", None) or source_of(model)
     ranks = dict(ranks or {})
     shapes = dict(previous.get("shapes", {}) if shapes is None else shapes)
     base = previous.get("base_architecture", type(model).__name__)

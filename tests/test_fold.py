@@ -165,6 +165,12 @@ def test_bad_fold_settings(kwargs, message):
         fold(tiny_model("llama"), show_progress=False, **kwargs)
 
 
+def test_a_factorized_model_cannot_be_folded():
+    small = acip(tiny_model(), tiny_data(), max_steps=4, batch_size=4, show_progress=False).materialize(0.5)
+    with pytest.raises(HfCompressError, match="fold first, then compress"):
+        fold(small, show_progress=False)
+
+
 def test_gpt2_heads_cannot_be_folded():
     with pytest.raises(HfCompressError, match="cannot fold attention heads of GPT2Block"):
         fold(tiny_model("gpt2"), heads_ratio=0.5, show_progress=False)

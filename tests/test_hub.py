@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_data, tiny_model
-from hf_compress import HfCompressError, acip, fold
+from hf_compress import HfCompressError, acip, fold, load_model
 from hf_compress.acip.compressible import FACTORS_FILE
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.hub import model_card
@@ -90,3 +90,12 @@ def test_the_source_survives_a_compressible_directory(tmp_path):
     acip(model, tiny_data(), max_steps=4, batch_size=4, show_progress=False).save_pretrained(tmp_path / "c")
     small = CompressibleModel.from_pretrained(tmp_path / "c").materialize(0.8)
     assert small.config.hf_compress["source"] == "some-org/tiny-llama"
+
+
+def test_the_source_survives_a_folded_checkpoint(tmp_path):
+    model = tiny_model()
+    model.config.name_or_path = "some-org/tiny-llama"
+    save_checkpoint(fold(model, ratio=0.5, show_progress=False), None, tmp_path / "folded")
+    reloaded = load_model(tmp_path / "folded")[0]  # its name_or_path is now a local path
+    result = acip(reloaded, tiny_data(), max_steps=2, batch_size=4, show_progress=False)
+    assert result.summary["source"] == "some-org/tiny-llama"

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from ..checkpoint import source_of
 from ..errors import HfCompressError
 from ..models import find_targets
 from .compressible import CompressibleModel, LayerFactors
@@ -294,7 +295,7 @@ def _to_compressible(model, layers, originals, config, summary, tokenizer) -> Co
         )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, originals[name])
-    summary = {**summary, "source": model.config.name_or_path or None}
+    summary = {**summary, "source": source_of(model)}
     return CompressibleModel(model.cpu(), factors, config, summary, tokenizer)
 
 

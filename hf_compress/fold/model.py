@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..checkpoint import mark_compressed
 from ..errors import HfCompressError
+from ..modeling_hf_compress import FactorizedLinear
 from ..models import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight
 from .config import FoldConfig
 from .kmeans import kmeans, weighted_means
@@ -209,6 +210,8 @@ def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress
     config = config or FoldConfig(**overrides)
     _, blocks = decoder_blocks(model)
     plan = config.schedule(len(blocks))
+    if any(isinstance(m, FactorizedLinear) for m in find_targets(model).values()):
+        raise HfCompressError("cannot fold a model with factorized (ACIP) layers: fold first, then compress")
     dense_params = sum(layer_shape(m).dense_params for m in find_targets(model).values())
     uniform = len(plan) == len(blocks) and len(set(plan.values())) == 1
     if config.heads_ratio < 1 and not uniform and _counts_heads(blocks[0]):
