@@ -288,15 +288,12 @@ def _summarize(record: dict) -> str:
 
 
 def _print_records(records: list[dict]) -> None:
-    columns = ["size ratio", "targeted params", "model MiB"]
-    columns += ["perplexity"] if "perplexity" in records[0] else []
-    metric_names = [(t, m) for t, metrics in records[0].get("tasks", {}).items() for m in metrics]
-    table = Table(*columns, *[f"{t} {m}" for t, m in metric_names])
-    for r in records:
-        cells = [f"{r['size_ratio']:.3f}", f"{r['target_params']:,}", f"{r['model_bytes'] / 2**20:.1f}"]
-        cells += [f"{r['perplexity']:.3f}"] if "perplexity" in r else []
-        cells += [f"{r['tasks'][t][m]:.4f}" for t, m in metric_names]
-        table.add_row(*cells)
+    from .evaluate import results_table
+
+    columns, rows = results_table(records)
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
     Console(soft_wrap=True).print(table)
 
 

@@ -14,7 +14,7 @@ import math
 import platform
 import random
 import re
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -145,7 +145,7 @@ def versions() -> dict:
     for name in names:
         try:
             found[name] = version(name)
-        except Exception:  # not installed
+        except PackageNotFoundError:
             continue
     return found | {"python": platform.python_version()}
 
@@ -165,6 +165,21 @@ def model_index(name: str, records: list[dict], dataset: str) -> list[dict]:
                             "metrics": [{"type": m, "value": round(v, 4)} for m, v in metrics.items()]})
         entries.append({"name": f"{name}@{record['size_ratio']:.2f}", "results": results})
     return entries
+
+
+def results_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Column names and formatted rows of evaluation records, smallest size first (for the
+    terminal and for model cards)."""
+    records = sorted(records, key=lambda r: r["size_ratio"])
+    tasks = [(t, m) for t, metrics in records[0].get("tasks", {}).items() for m in metrics]
+    with_perplexity = "perplexity" in records[0]
+    columns = ["size ratio", "targeted params", "model MiB"] + ["perplexity"] * with_perplexity
+    rows = []
+    for r in records:
+        cells = [f"{r['size_ratio']:.3f}", f"{r['target_params']:,}", f"{r['model_bytes'] / 2**20:.1f}"]
+        cells += [f"{r['perplexity']:.3f}"] * with_perplexity
+        rows.append(cells + [f"{r['tasks'][t][m]:.4f}" for t, m in tasks])
+    return columns + [f"{t} {m}" for t, m in tasks], rows
 
 
 def write_json(data: dict, path: str | Path) -> None:

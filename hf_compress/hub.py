@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 from .errors import HfCompressError
-from .evaluate import RESULTS_FILE
-from .models import _first_line, read_json
+from .evaluate import RESULTS_FILE, results_table
+from .models import first_line, read_json
 
 CARD_FILE = "README.md"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -51,7 +51,7 @@ def _check_safetensors(file: Path) -> None:
         with safe_open(file, "pt") as handle:
             handle.keys()
     except (OSError, SafetensorError) as err:
-        raise HfCompressError(f"{file} is incomplete or corrupt: {_first_line(err)}") from None
+        raise HfCompressError(f"{file} is incomplete or corrupt: {first_line(err)}") from None
 
 
 def model_card(path: str | Path, repo_id: str):
@@ -111,21 +111,12 @@ def _settings(info: dict) -> str:
 
 
 def _results_table(results: dict) -> str:
-    records = results["results"]
-    tasks = sorted({f"{task} {metric}" for r in records for task, ms in r.get("tasks", {}).items() for metric in ms})
-    header = ["size ratio", "MiB"] + (["perplexity"] if any("perplexity" in r for r in records) else []) + tasks
-    rows = []
-    for record in sorted(records, key=lambda r: r["size_ratio"]):
-        values = {f"{t} {m}": v for t, ms in record.get("tasks", {}).items() for m, v in ms.items()}
-        cells = [f"{record['size_ratio']:.3f}", f"{record['model_bytes'] / 2**20:.0f}"]
-        cells += [f"{record['perplexity']:.2f}"] * ("perplexity" in header)
-        cells += [f"{values[t]:.4f}" if t in values else "" for t in tasks]
-        rows.append("| " + " | ".join(cells) + " |")
+    columns, rows = results_table(results["results"])
     protocol = results.get("protocol", {}).get("perplexity")
     how = (f"\n\nPerplexity: {protocol['dataset']} ({protocol['split']}), {protocol['windows']} windows of "
            f"{protocol['seq_len']} tokens, {protocol['method']}." if protocol else "")
-    return ("## Evaluation\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-            + "\n".join(rows) + how)
+    lines = ["| " + " | ".join(cells) + " |" for cells in [columns, ["---"] * len(columns), *rows]]
+    return "## Evaluation\n\n" + "\n".join(lines) + how
 
 
 def push(path: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,
@@ -153,5 +144,5 @@ def push(path: str | Path, repo_id: str, private: bool = False, dry_run: bool = 
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.create_commit(repo_id, operations, commit_message="Upload with hf-compress")
     except Exception as err:  # network, auth, offline mode: one sentence for the user
-        raise HfCompressError(f"cannot push to {repo_id}: {_first_line(err)}") from None
+        raise HfCompressError(f"cannot push to {repo_id}: {first_line(err)}") from None
     return {**plan, "url": str(url), "commit": commit.oid}

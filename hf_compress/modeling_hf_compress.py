@@ -30,7 +30,8 @@ class FactorizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def _replace_(model: nn.Module, name: str, make) -> None:
+def replace_layer_(model: nn.Module, name: str, make) -> None:
+    """Swap the layer at `name` for `make(old, in_features, out_features)`, on its device and dtype."""
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, child_name)
@@ -45,11 +46,12 @@ def _replace_(model: nn.Module, name: str, make) -> None:
 def factorize_(model: nn.Module, ranks: dict) -> nn.Module:
     """Replace each module named in `ranks` by an (uninitialized) FactorizedLinear of that rank."""
     for name, rank in ranks.items():
-        _replace_(model, name, lambda old, i, o: FactorizedLinear(i, o, rank, bias=old.bias is not None))
+        replace_layer_(model, name, lambda old, i, o: FactorizedLinear(i, o, rank, bias=old.bias is not None))
     return model
 
 
-def _layer_like(old: nn.Module, in_features: int, out_features: int) -> nn.Module:
+def layer_like(old: nn.Module, in_features: int, out_features: int) -> nn.Module:
+    """A fresh layer of the same type as `old` (Linear or Conv1D, same bias) with other sizes."""
     if hasattr(old, "nf"):
         return type(old)(out_features, in_features)
     return nn.Linear(in_features, out_features, bias=old.bias is not None)
@@ -59,7 +61,7 @@ def resize_(model: nn.Module, shapes: dict) -> nn.Module:
     """Replace each module named in `shapes` by an (uninitialized) layer of the same type with
     [in_features, out_features] as given: folded layers whose sizes differ between blocks."""
     for name, (in_features, out_features) in shapes.items():
-        _replace_(model, name, lambda old, i, o: _layer_like(old, in_features, out_features))
+        replace_layer_(model, name, lambda old, i, o: layer_like(old, in_features, out_features))
     return model
 
 

@@ -97,14 +97,14 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto"):
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline mode: it must be in the local Hub cache)" if offline else ""
-        raise HfCompressError(f"cannot load model '{source}'{hint}: {_first_line(err)}") from None
+        raise HfCompressError(f"cannot load model '{source}'{hint}: {first_line(err)}") from None
     from .checkpoint import model_class_for
 
     model = model_class_for(config).from_pretrained(source, dtype=dtype)
     return model.eval(), tokenizer
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
@@ -227,4 +227,4 @@ def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise HfCompressError(f"{what} is unreadable ({path}): {_first_line(err)}") from None
+        raise HfCompressError(f"{what} is unreadable ({path}): {first_line(err)}") from None

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from ..checkpoint import mark_compressed
 from ..errors import HfCompressError
-from ..modeling_hf_compress import FactorizedLinear
+from ..modeling_hf_compress import FactorizedLinear, layer_like, replace_layer_
 from ..models import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight
 from .config import FoldConfig
 from .kmeans import kmeans, weighted_means
@@ -114,23 +113,16 @@ def _read_columns(block, seg: Segment) -> torch.Tensor:
     return cols.reshape(len(weight), seg.units, seg.per_unit).transpose(0, 1).reshape(seg.units, -1)
 
 
-def _resized(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A layer of the same type as `module` holding `weight` (out x in) and `bias`."""
-    out_features, in_features = weight.shape
-    if isinstance(module, Conv1D):
-        new = Conv1D(out_features, in_features)
-    else:
-        new = nn.Linear(in_features, out_features, bias=bias is not None)
-    new.to(device=module.weight.device, dtype=module.weight.dtype)
-    set_dense_weight(new, weight)
-    if bias is not None:
-        new.bias.data = bias.to(module.weight.dtype).contiguous()
-    return new
+def _rebuild(block: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Replace the layer at `path` by one of the same type holding `weight` (out x in) and `bias`."""
+    def make(old, *_):
+        new = layer_like(old, weight.shape[1], weight.shape[0])
+        set_dense_weight(new, weight)
+        if bias is not None:
+            new.bias.data = bias.to(new.weight.dtype).contiguous()
+        return new
 
-
-def _replace(block, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, child, new)
+    replace_layer_(block, path, make)
 
 
 def assign(inputs: torch.Tensor, outputs: torch.Tensor, k: int, config: FoldConfig) -> torch.Tensor:
@@ -192,12 +184,12 @@ def fold_site(block: nn.Module, site: Site, ratio: float, config: FoldConfig) ->
         module = block.get_submodule(path)
         parts.sort(key=lambda part: part[0])
         bias = None if module.bias is None else torch.cat([b for _, _, b in parts])
-        _replace(block, path, _resized(module, torch.cat([w for _, w, _ in parts]), bias))
+        _rebuild(block, path, torch.cat([w for _, w, _ in parts]), bias)
     for seg, columns in zip(site.writes, writes):
         module = block.get_submodule(seg.module)
         out_features = layer_shape(module).out_features
         weight = total(columns).reshape(k, out_features, seg.per_unit).transpose(0, 1).reshape(out_features, -1)
-        _replace(block, seg.module, _resized(module, weight, None if module.bias is None else module.bias.data))
+        _rebuild(block, seg.module, weight, None if module.bias is None else module.bias.data)
     return k
 
 
