@@ -32,6 +32,7 @@ test: install
 bench: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/compare_demo.py
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/fold_demo.py
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/quantize_demo.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -5,8 +5,9 @@ from .data import calibration_data
 from .errors import HfCompressError
 from .fold import FoldConfig, fold
 from .models import load_model
+from .quantize import quantize
 
 __version__ = "0.1.0"
 
 __all__ = ["AcipConfig", "CompressibleModel", "FoldConfig", "HfCompressError", "acip", "calibration_data",
-           "fold", "load_model"]
+           "fold", "load_model", "quantize"]

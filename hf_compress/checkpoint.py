@@ -17,6 +17,7 @@ import transformers
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from . import modeling_hf_compress
+from .cards import write_card
 from .io import atomic_dir
 from .modeling_hf_compress import HfCompressMixin
 
@@ -73,6 +74,17 @@ def source_of(model: PreTrainedModel) -> str | None:
     return recorded or model.config.name_or_path or None
 
 
+def source_sizes(model: PreTrainedModel) -> dict:
+    """Parameters and bytes of the original model: recorded through earlier compressions, else
+    measured now (call it before changing the model)."""
+    from .models import tensor_bytes
+
+    info = getattr(model.config, "hf_compress", None) or {}
+    if info.get("source_params"):
+        return {"source_params": info["source_params"], "source_bytes": info["source_bytes"]}
+    return {"source_params": sum(p.numel() for p in model.parameters()), "source_bytes": tensor_bytes(model)}
+
+
 def mark_compressed(model: PreTrainedModel, ranks: dict | None = None, shapes: dict | None = None,
                     **info) -> None:
     """Record in the config what rebuilds this model's layers (`ranks` of factorized layers,
@@ -98,4 +110,5 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, output: str | Path, overw
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_card(tmp, Path(output).name)
     return Path(output)

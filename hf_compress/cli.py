@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -19,6 +20,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compress Hugging Face causal LMs into smaller, ordinary checkpoints.")
 console = Console(stderr=True, soft_wrap=True)
 MODEL_HELP = "Hub id, local checkpoint directory, .gguf file, or 'demo' (the bundled SmolLM2-135M)."
+DEVICE_HELP = "cpu, cuda, cuda:N (default: what Accelerate picks, the GPU when there is one)."
+DTYPE_HELP = "float32, bfloat16 or float16 (default: the source's dtype on GPU, float32 on CPU)."
+QUANTIZE_HELP = "Quantize with bitsandbytes: nf4, fp4 or int8 (embeddings and the output head stay in float)."
 
 
 def _progress_dir(output: Path) -> Path:
@@ -49,6 +53,9 @@ def compress(
     exclude: Optional[str] = typer.Option(None, help="Regex: skip layers whose name matches."),
     seed: int = typer.Option(0, help="Seed for data order and LoRA init."),
     save_every: int = typer.Option(10, help="Steps between resumable checkpoints."),
+    device: Optional[str] = typer.Option(None, help="'cpu' to stay off the GPU (default: Accelerate's choice; "
+                                         "pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Masks and scores stay float32."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT and discard an unfinished pass."),
 ):
     """Run one ACIP pass; afterwards `materialize` builds any size from OUTPUT in about a second."""
@@ -58,10 +65,15 @@ def compress(
     from .acip.train import clear_progress
     from .data import calibration_data
     from .io import check_output
-    from .models import load_model
+    from .models import load_model, resolve_device, resolve_dtype
 
     check_output(output, overwrite)
     _check_ratio(stop_ratio, allow_one=False)
+    if device not in (None, "auto", "cpu"):
+        raise HfCompressError("the pass runs where Accelerate puts it: --device takes only cpu or auto; "
+                              "pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch")
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # read by Accelerate before it picks a device
     config = AcipConfig(stop_ratio=stop_ratio, max_steps=max_steps, batch_size=batch_size,
                         lora_rank=lora_rank, basis=basis, include=include, exclude=exclude,
                         seed=seed, save_every=save_every)
@@ -69,10 +81,11 @@ def compress(
     if overwrite:
         clear_progress(progress)
     start = time.perf_counter()
-    net, tokenizer = load_model(model)
+    net, tokenizer = load_model(model, resolve_dtype(dtype, resolve_device(device)))
     data = calibration_data(tokenizer, dataset, seq_len=seq_len, text_column=text_column,
                             dataset_config=dataset_config, dataset_split=dataset_split)
     result = acip(net, data, config, tokenizer=tokenizer, progress_dir=progress)
+    result.summary |= {"dataset": dataset, "seq_len": seq_len, "windows": len(data)}  # for the model card
     if PartialState().is_main_process:
         result.save_pretrained(output, overwrite=overwrite)
         clear_progress(progress)
@@ -87,26 +100,101 @@ def compress(
 @app.command()
 def materialize(
     path: Path = typer.Argument(..., help="Compressible directory written by `compress`."),
-    size_ratio: float = typer.Option(..., help="Fraction of the targeted parameters to keep, in (0, 1]."),
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
+    size_ratio: Optional[float] = typer.Option(None, help="Fraction of the targeted parameters to keep, in (0, 1]."),
+    max_size: Optional[str] = typer.Option(None, help="Instead of a ratio: the largest model whose weights fit, e.g. 60MB."),
+    quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP),
+    quantize_head: bool = typer.Option(False, help="Quantize the output head too (when it is not tied to the embeddings)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
 ):
-    """Write a checkpoint of the given size that AutoModelForCausalLM loads."""
+    """Write a checkpoint of the given size (or byte budget) that AutoModelForCausalLM loads."""
     from .acip import CompressibleModel
     from .checkpoint import save_checkpoint
     from .io import check_output
+    from .models import parse_size
 
-    _check_ratio(size_ratio)
+    if (size_ratio is None) == (max_size is None):
+        raise HfCompressError("give exactly one of --size-ratio and --max-size")
+    if size_ratio is not None:
+        _check_ratio(size_ratio)
+    max_bytes = None if max_size is None else parse_size(max_size)
+    _check_quantize(quantize)
     check_output(output, overwrite)
-    compressible = CompressibleModel.from_pretrained(path)
-    model = compressible.materialize(size_ratio)
+    compressible = _on_device(CompressibleModel.from_pretrained(path), device, dtype)
+    model = compressible.materialize(size_ratio, max_bytes=max_bytes, quantize=quantize, quantize_head=quantize_head)
     save_checkpoint(model, compressible.tokenizer, output, overwrite=overwrite)
     info = model.config.hf_compress
+    budget = f" (the largest within {max_size})" if max_size else ""
     console.print(
-        f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f} "
-        f"({info['target_params']:,} of {info['target_dense_params']:,} targeted parameters, "
-        f"{len(info['ranks'])} layers factorized) in {model.materialize_seconds:.2f} s"
-    )
+        f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}{budget}, {_mib(model)} of weights"
+        f"{_quantized_note(model)} ({info['target_params']:,} of {info['target_dense_params']:,} targeted "
+        f"parameters, {len(info['ranks'])} layers factorized) in {model.materialize_seconds:.2f} s", highlight=False)
+
+
+@app.command("quantize")
+def quantize_command(
+    model: str = typer.Argument(..., help=MODEL_HELP + " Folded and materialized checkpoints too."),
+    method: str = typer.Option("nf4", help="nf4, fp4 or int8."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
+    quantize_head: bool = typer.Option(False, help="Quantize the output head too (when it is not tied to the embeddings)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+):
+    """Quantize a model with bitsandbytes; the checkpoint reloads with plain transformers."""
+    from .checkpoint import save_checkpoint
+    from .io import check_output
+    from .quantize import quantize
+
+    _check_quantize(method)
+    check_output(output, overwrite)
+    net, tokenizer = _load(model, device, dtype)
+    quantized = quantize(net, method, quantize_head)
+    save_checkpoint(quantized, tokenizer, output, overwrite=overwrite)
+    console.print(f"[green]wrote[/green] {output}: {_mib(quantized)} of weights{_quantized_note(quantized)}",
+                  highlight=False)
+
+
+def _check_quantize(method: str | None) -> None:
+    from .quantize import check_method
+
+    if method is not None:
+        check_method(method)
+
+
+def _load(model: str, device: str | None, dtype: str | None):
+    from .models import load_model, resolve_device, resolve_dtype
+
+    where = resolve_device(device)
+    return load_model(model, resolve_dtype(dtype, where), where)
+
+
+def _on_device(compressible, device: str | None, dtype: str | None):
+    from .models import resolve_device, resolve_dtype
+
+    where = resolve_device(device)
+    wanted = resolve_dtype(dtype, where)
+    return compressible.to(where, None if wanted == "auto" else wanted)
+
+
+def _mib(model) -> str:
+    from .models import tensor_bytes
+
+    return f"{tensor_bytes(model) / 2**20:.1f} MiB"
+
+
+def _quantized_note(model) -> str:
+    from .quantize import quantization_of
+
+    quantization = quantization_of(model.config)
+    if quantization is None:
+        return ""
+    kept = len(quantization["unquantized"])
+    multiple = model.config.hf_compress.get("width_multiple", 1) if hasattr(model.config, "hf_compress") else 1
+    rounded = f", ranks and widths rounded to multiples of {multiple} for the 4-bit kernel" if multiple > 1 else ""
+    return f", {quantization['method']} ({kept} Linear layers left in float{rounded})"
 
 
 @app.command("fold")
@@ -121,25 +209,30 @@ def fold_command(
     method: str = typer.Option("kmeans", help="'kmeans' (merge clusters) or 'magnitude' (prune, the baseline)."),
     variance_correction: bool = typer.Option(False, help="Rescale merged units to their members' norm."),
     seed: int = typer.Option(0, help="k-means seed."),
+    quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP + " Folded widths are rounded to what the kernel packs."),
+    quantize_head: bool = typer.Option(False, help="Quantize the output head too (when it is not tied to the embeddings)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
 ):
     """Fold a model data-free into a smaller one of the same architecture."""
     from .checkpoint import save_checkpoint
     from .fold import FoldConfig, fold
     from .io import check_output
-    from .models import load_model
 
     config = FoldConfig(ratio=ratio, heads_ratio=heads_ratio, layers=_parse_layers(layers, ratio), method=method,
-                        variance_correction=variance_correction, seed=seed)
+                        variance_correction=variance_correction, seed=seed, quantize=quantize,
+                        quantize_head=quantize_head)
     check_output(output, overwrite)
-    net, tokenizer = load_model(model)
+    net, tokenizer = _load(model, device, dtype)
     start = time.perf_counter()
-    fold(net, config)
+    net = fold(net, config)
     seconds = time.perf_counter() - start
     save_checkpoint(net, tokenizer, output, overwrite=overwrite)
     info = net.config.hf_compress
     kind = "per-layer sizes (self-contained, trust_remote_code)" if info["shapes"] else "same architecture, no remote code"
-    console.print(f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}, {kind}, folded in {seconds:.1f} s")
+    console.print(f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}, {_mib(net)} of weights"
+                  f"{_quantized_note(net)}, {kind}, folded in {seconds:.1f} s", highlight=False)
 
 
 def _parse_layers(text: str, ratio: float) -> str | dict[int, float]:
@@ -170,9 +263,7 @@ def info(
     if (Path(path) / META_FILE).is_file():
         report = _compressible_report(Path(path))
     else:
-        from .models import load_model, size_report
-
-        report = size_report(load_model(path)[0])
+        report = _checkpoint_report(path)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -193,28 +284,38 @@ def evaluate_command(
     tasks: Optional[str] = typer.Option(None, help="Comma-separated lm-eval tasks, e.g. pydoc_cloze (offline, built in)."),
     include_path: Optional[str] = typer.Option(None, help="Folder of local lm-eval task YAMLs."),
     limit: Optional[int] = typer.Option(None, help="lm-eval: at most this many documents per task."),
-    batch_size: int = typer.Option(4, help="Batch size for perplexity and lm-eval."),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per batch for perplexity and lm-eval (default: 4 on "
+                                             "CPU, 16 on GPU)."),
+    quantize: Optional[str] = typer.Option(None, help="Sizes from a compressible directory: " + QUANTIZE_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     output: Optional[Path] = typer.Option(None, help="Write results (with protocol and versions) to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write the size/quality curve to this PNG."),
 ):
     """Perplexity and lm-eval tasks of a model, or of many sizes from one compressible directory."""
     from . import evaluate as ev
     from .acip.compressible import META_FILE
+    from .cards import update_card
     from .data import calibration_data
-    from .models import load_model
+    from .models import resolve_device
 
     task_list = [t for t in (tasks or "").split(",") if t]
     if no_perplexity and not task_list:
         raise HfCompressError("nothing to evaluate: drop --no-perplexity or name --tasks")
+    _check_quantize(quantize)
+    batch_size = batch_size or (4 if resolve_device(device).type == "cpu" else 16)
     if (Path(path) / META_FILE).is_file():
         from .acip import CompressibleModel
 
         ratios = _parse_ratios(size_ratios)
-        compressible = CompressibleModel.from_pretrained(path)
+        compressible = _on_device(CompressibleModel.from_pretrained(path), device, dtype)
         tokenizer = compressible.tokenizer
-        models = (compressible.materialize(r) for r in ratios)
+        models = (compressible.materialize(r, quantize=quantize) for r in ratios)
     else:
-        net, tokenizer = load_model(path)
+        if quantize:
+            raise HfCompressError("--quantize applies to sizes from a compressible directory; quantize a "
+                                  "checkpoint with `hf-compress quantize` first")
+        net, tokenizer = _load(path, device, dtype)
         models = iter([net])
     windows = None
     if not no_perplexity:
@@ -245,6 +346,7 @@ def evaluate_command(
     for target in targets:
         ev.write_json(result, target)
         console.print(f"[green]wrote[/green] {target}")
+    update_card(path)  # the directory's own card now shows these results
     if plot:
         ev.plot_curve(records, plot, title=str(path))
         console.print(f"[green]wrote[/green] {plot}")
@@ -299,38 +401,68 @@ def _print_records(records: list[dict]) -> None:
 
 def _compressible_report(path: Path) -> dict:
     from .acip import CompressibleModel
+    from .quantize import width_multiple
 
     compressible = CompressibleModel.from_pretrained(path)
     sizes = []
     for ratio in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
         ranks = compressible.ranks_at(ratio)
-        params = sum(compressible.layers[n].params(r) for n, r in ranks.items())
         factorized = sum(not f.shape.is_dense_at(ranks[n] + f.lora_rank) for n, f in compressible.layers.items())
-        sizes.append({"size_ratio": ratio, "target_params": params, "factorized_layers": factorized})
+        row = {"size_ratio": ratio, "target_params": compressible.params_of(ranks), "factorized_layers": factorized,
+               "bytes": compressible.checkpoint_bytes(ranks)}
+        for method in ("int8", "nf4"):
+            row[f"bytes_{method}"] = compressible.checkpoint_bytes(compressible.ranks_at(ratio, width_multiple(method)),
+                                                                   method)
+        sizes.append(row)
     summary = {k: v for k, v in compressible.summary.items() if k != "history"}
     return {"compressible": str(path), "config": compressible.config.to_dict(), "summary": summary,
             "target_dense_params": compressible.dense_params, "sizes": sizes}
+
+
+def _checkpoint_report(path: str) -> dict:
+    from .models import load_model, size_report
+
+    report = size_report(load_model(path)[0])
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    report["file_bytes"] = sum(f.stat().st_size for f in files) or None
+    return report
 
 
 def _print_report(report: dict) -> None:
     out = Console(soft_wrap=True)
     if "compressible" in report:
         out.print(f"compressible directory {report['compressible']}: pass {report['summary']}")
-        table = Table("size ratio", "targeted params", "factorized layers")
+        table = Table("size ratio", "targeted params", "factorized layers", "MiB", "MiB int8", "MiB nf4")
         for row in report["sizes"]:
-            table.add_row(f"{row['size_ratio']:.1f}", f"{row['target_params']:,}", str(row["factorized_layers"]))
+            table.add_row(f"{row['size_ratio']:.1f}", f"{row['target_params']:,}", str(row["factorized_layers"]),
+                          *(f"{row[key] / 2**20:.1f}" for key in ("bytes", "bytes_int8", "bytes_nf4")))
         out.print(table)
+        out.print("MiB: the weights of the checkpoint `materialize` writes at that ratio (with --quantize for the "
+                  "last two columns).")
         return
     table = Table("layer", "shape (out x in)", "form", "params")
     for layer in report["layers"]:
         form = "dense" if layer["rank"] is None else f"rank {layer['rank']}"
         table.add_row(layer["name"], f"{layer['out']} x {layer['in']}", form, f"{layer['params']:,}")
     out.print(table)
+    source = ""
+    if report.get("source_bytes"):
+        source = (f" (source: {report['source_params']:,} parameters, {report['source_bytes'] / 2**20:.1f} MiB; "
+                  f"{report['model_bytes'] / report['source_bytes']:.3f} of its bytes)")
+    files = f", {report['file_bytes'] / 2**20:.1f} MiB of safetensors files" if report.get("file_bytes") else ""
     out.print(
         f"{report['architecture']}: targeted {report['target_params']:,} of {report['target_dense_params']:,} "
         f"parameters (size ratio {report['size_ratio']:.4f}); whole model {report['model_params']:,} "
-        f"parameters, {report['model_bytes'] / 2**20:.1f} MiB"
+        f"parameters, {report['model_bytes'] / 2**20:.1f} MiB of weights{files}{source}"
     )
+    quantization = report.get("quantization")
+    if quantization:
+        multiple = report.get("width_multiple", 1)
+        rounded = (f"; ranks and folded widths were rounded to multiples of {multiple}, as bitsandbytes' 4-bit "
+                   "CPU kernel needs") if multiple > 1 else ""
+        kept = quantization["unquantized"]
+        names = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+        out.print(f"quantized with bitsandbytes {quantization['method']}; left in float: {names or 'nothing'}{rounded}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -339,6 +471,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main() -> None:
     warnings.showwarning = _show_warning
+    warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # factors of rank 0
     try:
         app()
     except HfCompressError as err:

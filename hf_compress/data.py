@@ -76,6 +76,8 @@ def calibration_data(
     """
     if split not in SPLITS:
         raise HfCompressError(f"split must be one of {SPLITS}, not '{split}'")
+    if tokenizer is None:
+        raise HfCompressError("the model has no tokenizer to turn text into tokens: save one beside its weights")
     if source == BUILTIN:
         texts = [builtin_text()]
     elif Path(source).is_file():

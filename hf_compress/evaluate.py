@@ -132,6 +132,7 @@ def evaluate(model, tokenizer, windows: torch.Tensor | None, tasks: list[str] = 
     report = size_report(model)
     record = {key: report[key] for key in ("size_ratio", "target_params", "target_dense_params",
                                            "model_params", "model_bytes")}
+    record["quantization"] = (report["quantization"] or {}).get("method")
     if windows is not None:
         record["perplexity"] = perplexity(model, windows, batch_size, show_progress=True)["perplexity"]
     if tasks:

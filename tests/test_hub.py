@@ -1,20 +1,81 @@
-"""`push`: the directory is checked, the card says what the directory records, and nothing is
-uploaded by a dry run or when the Hub cannot be reached (the tests run offline)."""
+"""`push`: the directory is checked, its card is regenerated for the repo id, and the real
+huggingface_hub client uploads it in one commit, here to an in-process fake Hub. A refused push
+says why in one sentence and leaves the local directory as it was."""
 
+import base64
 import json
 
 import pytest
-import yaml
+from huggingface_hub import ModelCard
 
 from conftest import run_cli, tiny_data, tiny_model
 from hf_compress import HfCompressError, acip, fold, load_model
 from hf_compress.acip.compressible import FACTORS_FILE
+from hf_compress.cards import MARKER, model_card
 from hf_compress.checkpoint import save_checkpoint
-from hf_compress.hub import model_card
+from hf_compress.hub import push
+
+REPO = "me/tiny-folded"
+COMMIT = "a" * 40
 
 
-def card_metadata(card) -> dict:
-    return yaml.safe_load(str(card).split("---")[1])
+class FakeHub:
+    """The endpoints a push uses, answered in-process; every request is kept. `fail`: 'network'
+    (no connection at all) or 'refused' (the Hub rejects the token)."""
+
+    def __init__(self):
+        self.requests, self.fail = [], None
+
+    def __call__(self, request):
+        import httpx2
+
+        self.requests.append(request)
+        if self.fail == "network":
+            raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
+        path = request.url.path
+        if path == "/api/models/some-org/tiny-llama":  # the source's metadata: its license
+            return httpx2.Response(200, json={"id": "some-org/tiny-llama", "cardData": {"license": "mit"}})
+        if path == "/api/repos/create" and self.fail != "refused":
+            return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO}"})
+        if path == "/api/validate-yaml":
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if path == f"/api/models/{REPO}/preupload/main":  # small files go in the commit itself, no LFS
+            files = json.loads(request.content)["files"]
+            return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
+                                                         "shouldIgnore": False} for f in files]})
+        if path == f"/api/models/{REPO}/commit/main":
+            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{REPO}/commit/{COMMIT}",
+                                              "commitOid": COMMIT})
+        if self.fail == "refused":
+            return httpx2.Response(401, json={"error": "Invalid username or password."})
+        return httpx2.Response(404, json={"error": "Repository not found"})
+
+    def commit(self) -> tuple[str, dict[str, bytes]]:
+        """The commit message and the uploaded files of the one commit sent."""
+        [request] = [r for r in self.requests if r.url.path.endswith("/commit/main")]
+        lines = [json.loads(line) for line in request.content.splitlines()]
+        files = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines
+                 if line["key"] == "file"}
+        return lines[0]["value"]["summary"], files
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The real huggingface_hub client, its HTTP transport replaced by a FakeHub, online and
+    logged in for this test only."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.utils._http import default_client_factory
+
+    fake = FakeHub()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake)))
+    try:
+        yield fake
+    finally:
+        huggingface_hub.set_client_factory(default_client_factory)  # closes the fake session too
+        huggingface_hub.close_session()
 
 
 @pytest.fixture
@@ -25,60 +86,105 @@ def folded_dir(tmp_path, tokenizer):
     return tmp_path / "folded"
 
 
-def test_dry_run_prints_the_card_and_uploads_nothing(monkeypatch, capsys, folded_dir):
+def snapshot(path) -> dict:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_dry_run_prints_the_card_for_the_repo_and_uploads_nothing(monkeypatch, capsys, folded_dir):
     code, _, _ = run_cli(monkeypatch, capsys, "eval", folded_dir, "--max-windows", 2, "--seq-len", 32)
     assert code in (0, None)
-    code, out, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", "me/tiny-folded", "--dry-run")
+    before = snapshot(folded_dir)
+    code, out, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", REPO, "--dry-run")
     assert code in (0, None) and "would push" in err and "dry run" in err
-    metadata = card_metadata(out)
-    assert metadata["base_model"] == "some-org/tiny-llama" and "fold" in metadata["tags"]
+    card = ModelCard(out)
+    assert card.data.base_model == "some-org/tiny-llama" and "fold" in card.data.tags
     results = json.loads((folded_dir / "eval_results.json").read_text())["results"][0]
-    [entry] = metadata["model-index"]
-    assert entry["name"] == "me/tiny-folded"
-    assert entry["results"][0]["metrics"][0]["value"] == round(results["perplexity"], 4)
-    assert 'from_pretrained("me/tiny-folded", trust_remote_code=True)' in out
-    assert not (folded_dir / "README.md").exists()
+    assert card.data.model_name == REPO and card.data.eval_results[0].metric_value == round(results["perplexity"], 4)
+    assert f'from_pretrained("{REPO}", trust_remote_code=True)' in out
+    assert snapshot(folded_dir) == before  # the local card keeps its local name
+
+
+def test_push_uploads_the_directory_and_its_card_in_one_commit(folded_dir, hub):
+    before = snapshot(folded_dir)
+    plan = push(folded_dir, REPO, private=True)
+    assert plan["commit"] == COMMIT and plan["url"] == f"https://huggingface.co/{REPO}"
+    message, uploaded = hub.commit()
+    assert message == "Upload with hf-compress"
+    assert sorted(uploaded) == sorted(before) == plan["files"]
+    assert all(uploaded[name] == before[name] for name in before if name != "README.md")  # weights byte for byte
+    card = ModelCard(uploaded["README.md"].decode())
+    assert MARKER in card.text and f'from_pretrained("{REPO}", trust_remote_code=True)' in card.text
+    assert card.data.base_model == "some-org/tiny-llama" and card.data.license == "mit"  # from the source's metadata
+    assert card.data.tags == ["hf-compress", "fold"]
+    create = next(r for r in hub.requests if r.url.path == "/api/repos/create")
+    assert json.loads(create.content) == {"name": "tiny-folded", "organization": "me", "visibility": "private",
+                                          "type": "model"}
+    assert create.headers["authorization"] == "Bearer hf_test_token"
+    assert snapshot(folded_dir) == before
+
+
+def test_a_users_own_card_is_uploaded_as_it_is(folded_dir, hub):
+    (folded_dir / "README.md").write_text("# mine\n")
+    plan = push(folded_dir, REPO)
+    assert plan["own_card"] and plan["files"].count("README.md") == 1
+    assert hub.commit()[1]["README.md"] == b"# mine\n"
+
+
+@pytest.mark.parametrize("failure,message", [
+    ("no_token", "no Hugging Face token found: run `hf auth login` or pass --token"),
+    ("bad_repo", "'not a repo id' is not a Hub repository id: use 'user/name'"),
+    ("network", f"cannot reach the Hugging Face Hub to push to {REPO} (ConnectError: [Errno 111] Connection refused)"),
+    ("refused", f"the Hub refused the push to {REPO}: the token cannot write there; run `hf auth login`"),
+])
+def test_a_failed_push_says_why_and_leaves_the_directory_alone(monkeypatch, capsys, tmp_path, folded_dir, hub,
+                                                                failure, message):
+    import huggingface_hub
+
+    repo = "not a repo id" if failure == "bad_repo" else REPO
+    if failure == "no_token":  # nothing in the environment, nothing stored
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    hub.fail = failure
+    before = snapshot(folded_dir)
+    capsys.readouterr()  # drop what the fixtures printed
+    code, _, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", repo)
+    assert code == 1 and f"error: {message}" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert snapshot(folded_dir) == before
+    if failure in ("no_token", "bad_repo"):
+        assert hub.requests == []  # refused before any network
+
+
+def test_offline_push_fails_with_one_line(monkeypatch, capsys, folded_dir):
+    code, _, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", REPO)
+    assert code == 1 and f"error: cannot push to {REPO} in offline mode" in err and "Traceback" not in err
 
 
 def test_card_of_a_compressible_directory(tmp_path):
     acip(tiny_model(), tiny_data(), max_steps=4, batch_size=4, show_progress=False).save_pretrained(tmp_path / "c")
-    card = str(model_card(tmp_path / "c", "me/tiny-acip"))
-    assert "hf-compress materialize" in card and "base_model" not in card  # built from a config, no Hub id
-    assert card_metadata(card)["tags"] == ["hf-compress", "acip"]
+    card = model_card(tmp_path / "c", "me/tiny-acip")
+    assert "hf download me/tiny-acip --local-dir tiny-acip" in str(card) and "hf-compress materialize" in str(card)
+    assert card.data.base_model is None and card.data.tags == ["hf-compress", "acip"]  # built from a config
     (tmp_path / "c" / FACTORS_FILE).unlink()
     with pytest.raises(HfCompressError, match="not a complete compressible directory"):
         model_card(tmp_path / "c", "me/tiny-acip")
 
 
-def test_a_directory_with_its_own_card_keeps_it(folded_dir):
-    from hf_compress.hub import push
-
-    (folded_dir / "README.md").write_text("# mine\n")
-    plan = push(folded_dir, "me/tiny-folded", dry_run=True)
-    assert plan["own_card"] and plan["card"] == "# mine\n" and plan["files"].count("README.md") == 1
-
-
-def test_offline_push_fails_with_one_line(monkeypatch, capsys, folded_dir):
-    code, _, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", "me/tiny-folded")
-    assert code == 1 and "error: cannot push to me/tiny-folded" in err and "Traceback" not in err
-
-
 @pytest.mark.parametrize("damage,message", [
     ("truncate", "incomplete or corrupt"), ("no_marker", "was not written by hf-compress"),
-    ("bad_repo", "--repo-id must look like"),
 ])
 def test_bad_directories_are_refused(monkeypatch, capsys, folded_dir, damage, message):
-    repo = "me/tiny-folded"
     if damage == "truncate":
         weights = folded_dir / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-100])
-    elif damage == "no_marker":
+    else:
         config = json.loads((folded_dir / "config.json").read_text())
         del config["hf_compress"]
         (folded_dir / "config.json").write_text(json.dumps(config))
-    else:
-        repo = "not a repo id"
-    code, _, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", repo, "--dry-run")
+    code, _, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", REPO, "--dry-run")
     assert code == 1 and message in err
 
 

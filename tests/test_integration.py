@@ -112,3 +112,51 @@ def test_fold_benchmark_runs_in_reduced_form(tmp_path):
     results = json.loads((tmp_path / "fold_demo.json").read_text())
     assert {"magnitude pruning", "k-means fold"} <= set(results["perplexity"])
     assert (tmp_path / "fold_demo.png").is_file()
+
+
+def test_quantized_size_within_a_byte_budget_reloads_without_hf_compress(compressible, tmp_path):
+    out = tmp_path / "nf4"
+    done = cli("materialize", compressible, "--max-size", "150MiB", "--quantize", "nf4", "--output", out)
+    assert "the largest within 150MiB" in done.stderr
+    report = json.loads(cli("info", out, "--json").stdout)
+    assert report["model_bytes"] <= 150 * 2**20 and report["quantization"]["method"] == "nf4"
+    assert report["width_multiple"] == 64
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_compress"] = None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained("{out}")
+        model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)
+        assert type(model.model.layers[5].mlp.down_proj.proj_in).__name__ == "Linear4bit"
+        ids = tok("The for statement", return_tensors="pt").input_ids
+        print(tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.stdout.strip()
+    cli("eval", out, "--max-windows", 1, "--seq-len", 128)
+    card = (out / "README.md").read_text()
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "nf4" in card and "perplexity" in card.lower()
+
+
+def test_demo_fold_compress_materialize_quantize_from_disk(tmp_path):
+    cli("fold", "demo", "--ratio", 0.9, "--output", tmp_path / "f")
+    cli("compress", tmp_path / "f", "--output", tmp_path / "fc", "--max-steps", 3, "--seq-len", 64)
+    report = json.loads(cli("info", tmp_path / "fc", "--json").stdout)
+    assert report["target_dense_params"] > 0
+    cli("materialize", tmp_path / "fc", "--size-ratio", 0.7, "--quantize", "int8", "--output", tmp_path / "m")
+    cli("eval", tmp_path / "m", "--max-windows", 1, "--seq-len", 128, "--output", tmp_path / "r.json")
+    record = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert record["quantization"] == "int8" and record["perplexity"] < 1e4
+    assert record["model_bytes"] < 0.5 * json.loads((tmp_path / "m" / "config.json").read_text())[
+        "hf_compress"]["source_bytes"]
+
+
+def test_quantize_benchmark_runs_in_reduced_form(tmp_path):
+    bench = Path(__file__).parents[1] / "bench" / "quantize_demo.py"
+    subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    results = json.loads((tmp_path / "quantize_demo.json").read_text())
+    assert {"dense fp32", "dense nf4", "ACIP 0.6 nf4", "fold 0.9 nf4"} <= set(results["results"])
+    assert results["results"]["dense nf4"]["bytes"] < 0.4 * results["results"]["dense fp32"]["bytes"]
+    assert (tmp_path / "quantize_demo.png").is_file()

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from ..checkpoint import mark_compressed
+from ..cards import write_card
+from ..checkpoint import mark_compressed, model_class_for
 from ..errors import HfCompressError
 from ..io import atomic_dir
-from ..models import LayerShape, dense_weight, read_json, set_dense_weight
+from ..models import LayerShape, dense_weight, read_json, set_dense_weight, tensor_bytes
+from ..quantize import linear_bytes, quantize as quantize_model, width_multiple
 from ..modeling_hf_compress import factorize_
 from .config import AcipConfig
 
@@ -52,6 +54,23 @@ class LayerFactors:
         """Parameters when `rank` singular values are kept; LoRA is stacked into the factors."""
         return self.shape.params_at_rank(rank + self.lora_rank)
 
+    def rounded(self, rank: int, multiple: int) -> int:
+        """`rank` raised so that the stacked rank (with LoRA) is a multiple of `multiple`, within
+        the stored values (all of them: the layer is stored dense)."""
+        total = rank + self.lora_rank
+        if multiple == 1 or total == 0:
+            return rank
+        return min(-(-total // multiple) * multiple - self.lora_rank, len(self.score))
+
+    def bytes(self, rank: int, quantize: str | None, dtype_bytes: int) -> int:
+        """Checkpoint bytes of this layer at `rank`: dense, or two factor Linears."""
+        shape, total = self.shape, rank + self.lora_rank
+        bias = shape.out_features * dtype_bytes if shape.bias else 0
+        if shape.is_dense_at(total):
+            return linear_bytes(shape.in_features, shape.out_features, quantize, dtype_bytes) + bias
+        return (linear_bytes(shape.in_features, total, quantize, dtype_bytes)
+                + linear_bytes(total, shape.out_features, quantize, dtype_bytes) + bias)
+
     def lora_delta(self) -> torch.Tensor | None:
         return None if self.lora_a is None else self.lora_b @ self.lora_a
 
@@ -67,6 +86,7 @@ class CompressibleModel:
         self.summary = summary or {}
         self.tokenizer = tokenizer
         self._order = self._global_order()
+        self._fixed_bytes = None  # weights outside the targeted layers, measured on first use
 
     @property
     def dense_params(self) -> int:
@@ -82,26 +102,49 @@ class CompressibleModel:
         order = order[torch.sort(scores[order], descending=True, stable=True).indices]
         return layer_ids[order]
 
-    def ranks_at(self, size_ratio: float) -> dict[str, int]:
-        """Per-layer ranks for the largest prefix of the global order that fits the budget."""
+    def ranks_at(self, size_ratio: float, multiple: int = 1) -> dict[str, int]:
+        """Per-layer ranks for the largest prefix of the global order within `size_ratio` of the
+        targeted parameters; with `multiple`, ranks are rounded up to multiples of it (and so counted)."""
         if not 0 < size_ratio <= 1:
             raise HfCompressError(f"size ratio must be in (0, 1], got {size_ratio}")
         budget = size_ratio * self.dense_params
+        return self._largest_prefix(lambda ranks: self.params_of(ranks) <= budget, multiple,
+                                    f"size ratio {size_ratio}")
+
+    def ranks_within(self, max_bytes: int, quantize: str | None = None) -> dict[str, int]:
+        """Per-layer ranks of the largest model whose weights take at most `max_bytes`."""
+        return self._largest_prefix(lambda ranks: self.checkpoint_bytes(ranks, quantize) <= max_bytes,
+                                    width_multiple(quantize), f"{max_bytes / 2**20:.1f} MiB")
+
+    def _largest_prefix(self, fits, multiple: int, budget: str) -> dict[str, int]:
+        """Binary search for the longest prefix of the global order whose ranks `fits` (cost grows
+        with the prefix, so the search is exact)."""
         factors = list(self.layers.values())
 
-        def ranks_for(k: int) -> list[int]:
-            return torch.bincount(self._order[:k], minlength=len(factors)).tolist()
+        def ranks_for(k: int) -> dict[str, int]:
+            counts = torch.bincount(self._order[:k], minlength=len(factors)).tolist()
+            return {name: f.rounded(c, multiple) for (name, f), c in zip(self.layers.items(), counts)}
 
-        def cost(k: int) -> int:
-            return sum(f.params(r) for f, r in zip(factors, ranks_for(k)))
-
-        lo, hi = 0, len(self._order)  # cost(lo) <= budget; find the largest such k
-        if cost(lo) > budget:
-            raise HfCompressError(f"size ratio {size_ratio} is below what the LoRA adapters alone cost")
+        lo, hi = 0, len(self._order)
+        if not fits(ranks_for(lo)):
+            raise HfCompressError(f"{budget} is below the smallest model this pass can make "
+                                  "(what is not factorized, and LoRA adapters, cost more)")
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
-        return dict(zip(self.layers, ranks_for(lo)))
+            lo, hi = (mid, hi) if fits(ranks_for(mid)) else (lo, mid - 1)
+        return ranks_for(lo)
+
+    def params_of(self, ranks: dict[str, int]) -> int:
+        return sum(self.layers[name].params(rank) for name, rank in ranks.items())
+
+    def checkpoint_bytes(self, ranks: dict[str, int], quantize: str | None = None) -> int:
+        """Bytes of the weights of the model these ranks make, quantized or not (the output head
+        counted in float), as `models.tensor_bytes` measures the built model."""
+        if self._fixed_bytes is None:
+            self._fixed_bytes = tensor_bytes(self.base_model) - sum(
+                f.shape.dense_params * self.base_model.dtype.itemsize for f in self.layers.values())
+        return self._fixed_bytes + sum(self.layers[name].bytes(rank, quantize, self.base_model.dtype.itemsize)
+                                       for name, rank in ranks.items())
 
     def uniform_ranks(self, size_ratio: float) -> dict[str, int]:
         """Every layer at `size_ratio` of its own size (the uniform-allocation baseline)."""
@@ -113,38 +156,54 @@ class CompressibleModel:
             ranks[name] = rank
         return ranks
 
-    def materialize(self, size_ratio: float | None = None, ranks: dict[str, int] | None = None) -> PreTrainedModel:
-        """A transformers model at `size_ratio` of the targeted parameters: factorized layers
-        become two small Linears; layers that end up dense are rebuilt at full rank; LoRA merged.
-        Explicit per-layer `ranks` (each layer's best values first) override the global order."""
+    def materialize(self, size_ratio: float | None = None, *, ranks: dict[str, int] | None = None,
+                    max_bytes: int | None = None, quantize: str | None = None,
+                    quantize_head: bool = False) -> PreTrainedModel:
+        """A transformers model at `size_ratio` of the targeted parameters, or the largest whose
+        weights fit `max_bytes`: factorized layers become two small Linears, layers that end up
+        dense are rebuilt at full rank, LoRA is merged. Explicit per-layer `ranks` (each layer's
+        best values first) override the global order. `quantize` (nf4, fp4, int8) returns it
+        quantized with bitsandbytes, its ranks rounded to what the 4-bit kernel packs."""
         start = time.perf_counter()
-        ranks = self.ranks_at(size_ratio) if ranks is None else ranks
+        multiple = width_multiple(quantize)
+        if ranks is None:
+            if (size_ratio is None) == (max_bytes is None):
+                raise HfCompressError("give exactly one of a size ratio and a byte budget")
+            ranks = self.ranks_at(size_ratio, multiple) if max_bytes is None else self.ranks_within(max_bytes, quantize)
+        model = self._build(ranks, width_multiple=multiple)
+        if quantize:
+            model = quantize_model(model, quantize, quantize_head)
+        model.materialize_seconds = time.perf_counter() - start
+        return model
+
+    def _build(self, ranks: dict[str, int], **info) -> PreTrainedModel:
         model = copy.deepcopy(self.base_model)
-        factorized, params = {}, 0
+        factorized = {}
         for name, rank in ranks.items():
             f = self.layers[name]
-            params += f.params(rank)
             module = model.get_submodule(name)
             if f.shape.is_dense_at(rank + f.lora_rank):
                 delta = f.lora_delta()
                 if delta is not None:
-                    set_dense_weight(module, dense_weight(module).float() + delta.float())
+                    set_dense_weight(module, dense_weight(module).float() + delta.to(module.weight.device).float())
             else:
                 factorized[name] = (rank + f.lora_rank, module.bias)
         factorize_(model, {name: r for name, (r, _) in factorized.items()})
         for name, (_, bias) in factorized.items():
             self._fill(model.get_submodule(name), self.layers[name], ranks[name], bias)
-        mark_compressed(
-            model,
-            ranks={name: r for name, (r, _) in factorized.items()},
-            method="acip",
-            source=self.summary.get("source"),
-            size_ratio=round(params / self.dense_params, 6),
-            target_params=params,
-            target_dense_params=self.dense_params,
-        )
-        model.materialize_seconds = time.perf_counter() - start
+        params = self.params_of(ranks)
+        recorded = ("source_params", "source_bytes", "dataset", "seq_len", "windows")  # for the model card
+        carried = {key: self.summary[key] for key in recorded if key in self.summary}
+        mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, method="acip",
+                        source=self.summary.get("source"), size_ratio=round(params / self.dense_params, 6),
+                        target_params=params, target_dense_params=self.dense_params, **carried, **info)
         return model.eval()
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> CompressibleModel:
+        """Materialize on `device` in `dtype` from now on (the stored factors stay fp32 on CPU)."""
+        self.base_model.to(device=device, dtype=dtype)
+        self._fixed_bytes = None
+        return self
 
     @staticmethod
     def _fill(module, f: LayerFactors, rank: int, bias) -> None:
@@ -153,9 +212,8 @@ class CompressibleModel:
         if f.lora_a is not None:
             proj_in = torch.cat([proj_in, f.lora_a.float()])
             proj_out = torch.cat([proj_out, f.lora_b.float()], dim=1)
-        dtype = module.proj_in.weight.dtype
-        module.proj_in.weight.data = proj_in.to(dtype).contiguous()
-        module.proj_out.weight.data = proj_out.to(dtype).contiguous()
+        module.proj_in.weight.data = proj_in.to(module.proj_in.weight).contiguous()
+        module.proj_out.weight.data = proj_out.to(module.proj_out.weight).contiguous()
         if bias is not None:
             module.proj_out.bias.data = bias.data.clone()
 
@@ -181,6 +239,7 @@ class CompressibleModel:
                 self.tokenizer.save_pretrained(tmp)
             save_file(tensors, tmp / FACTORS_FILE)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            write_card(tmp, Path(output).name)
         return Path(output)
 
     @classmethod
@@ -201,7 +260,7 @@ class CompressibleModel:
                 parts = {k: tensors[f"{name}.{k}"] for k in FACTOR_KEYS}
                 lora = {k: tensors.get(f"{name}.{k}") for k in ("lora_a", "lora_b")}
                 layers[name] = LayerFactors(LayerShape.from_json(shape), **parts, **lora)
-            base = AutoModelForCausalLM.from_pretrained(path)
+            base = model_class_for(AutoConfig.from_pretrained(path)).from_pretrained(path)  # folded bases too
         except (OSError, KeyError, SafetensorError, ValueError) as err:
             raise HfCompressError(
                 f"{path} is not a complete compressible directory ({type(err).__name__}: "

@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import source_of
+from ..checkpoint import source_of, source_sizes
 from ..errors import HfCompressError
-from ..models import find_targets
+from ..models import find_targets, require_dense
 from .compressible import CompressibleModel, LayerFactors
 from .config import AcipConfig
 from .layer import SVDLinear
@@ -143,6 +143,8 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     The model is restored to its dense self and wrapped, with the score map, in the result.
     """
     config = config or AcipConfig(**overrides)
+    require_dense(model, "compress", "compress the original model and materialize other sizes from its "
+                  "compressible directory")
     torch.manual_seed(config.seed)
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
     if config.batch_size % accelerator.num_processes:
@@ -295,7 +297,7 @@ def _to_compressible(model, layers, originals, config, summary, tokenizer) -> Co
         )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, originals[name])
-    summary = {**summary, "source": source_of(model)}
+    summary = {**summary, "source": source_of(model), **source_sizes(model)}
     return CompressibleModel(model.cpu(), factors, config, summary, tokenizer)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import HfCompressError
+from ..quantize import check_method
 
 METHODS = ("kmeans", "magnitude")
 SCHEDULES = ("middle", "all")
@@ -20,7 +21,8 @@ class FoldConfig:
     found to be where folding hurts most (docs/BENCHMARKS.md); "all" folds every block, which
     keeps the architecture (no remote code to load it); a list of block indices folds those at
     `ratio`; a {block: ratio} dict sets the MLP ratio per block. `method="magnitude"` is the
-    pruning baseline: keep the units with the largest weight norms and drop the rest.
+    pruning baseline: keep the units with the largest weight norms and drop the rest. `quantize`
+    quantizes the folded model with bitsandbytes.
     """
 
     ratio: float = 0.9
@@ -30,6 +32,8 @@ class FoldConfig:
     variance_correction: bool = False
     seed: int = 0
     iterations: int = 20
+    quantize: str | None = None  # nf4, fp4, int8: folded widths rounded to what the kernel packs
+    quantize_head: bool = False
 
     def __post_init__(self):
         ratios = {"ratio": self.ratio, "heads ratio": self.heads_ratio}
@@ -40,6 +44,8 @@ class FoldConfig:
                 raise HfCompressError(f"{name} must be in (0, 1], got {value}")
         if self.method not in METHODS:
             raise HfCompressError(f"fold method must be one of {METHODS}, not '{self.method}'")
+        if self.quantize is not None:
+            check_method(self.quantize)
         if isinstance(self.layers, str) and self.layers not in SCHEDULES:
             raise HfCompressError(f"fold layers must be one of {SCHEDULES}, a list of blocks or a "
                                   f"{{block: ratio}} dict, not '{self.layers}'")

@@ -17,10 +17,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..checkpoint import mark_compressed
+from ..checkpoint import mark_compressed, source_sizes
 from ..errors import HfCompressError
-from ..modeling_hf_compress import FactorizedLinear, layer_like, replace_layer_
-from ..models import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight
+from ..modeling_hf_compress import layer_like, replace_layer_
+from ..models import decoder_blocks, dense_weight, find_targets, layer_shape, require_dense, set_dense_weight
+from ..quantize import quantize, width_multiple
 from .config import FoldConfig
 from .kmeans import kmeans, weighted_means
 
@@ -154,11 +155,11 @@ def variance_scale(inputs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.
     return torch.where(counts > 1, (counts / (1 + (counts - 1) * cosine)).sqrt(), torch.ones_like(counts))
 
 
-def fold_site(block: nn.Module, site: Site, ratio: float, config: FoldConfig) -> int:
+def fold_site(block: nn.Module, site: Site, ratio: float, config: FoldConfig, multiple: int = 1) -> int:
     """Fold one site of one block in place, as the module docstring says (row biases count as
-    input side); returns the number of units kept."""
+    input side); returns the number of units kept, rounded down to a multiple of `multiple`."""
     n = site.reads[0].units
-    k = max(1, round(ratio * n))
+    k = min(n, max(multiple, round(ratio * n) // multiple * multiple))
     if k == n:
         return n
     reads = [_read_rows(block, seg) for seg in site.reads]
@@ -196,14 +197,15 @@ def fold_site(block: nn.Module, site: Site, ratio: float, config: FoldConfig) ->
 @torch.no_grad()
 def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress: bool = True,
          **overrides) -> PreTrainedModel:
-    """Fold `model` in place and return it. Folding every block at one ratio (layers="all")
-    keeps the architecture (smaller intermediate_size / head counts, no remote code needed);
-    any other schedule records per-layer shapes for the self-contained checkpoint format."""
+    """Fold `model` in place and return it (quantized, a new model, if `quantize` is set).
+    Folding every block at one ratio (layers="all") keeps the architecture (smaller
+    intermediate_size / head counts, no remote code needed); any other schedule records
+    per-layer shapes for the self-contained checkpoint format."""
     config = config or FoldConfig(**overrides)
     _, blocks = decoder_blocks(model)
     plan = config.schedule(len(blocks))
-    if any(isinstance(m, FactorizedLinear) for m in find_targets(model).values()):
-        raise HfCompressError("cannot fold a model with factorized (ACIP) layers: fold first, then compress")
+    require_dense(model, "fold", "fold first, then compress")
+    sizes = source_sizes(model)
     dense_params = sum(layer_shape(m).dense_params for m in find_targets(model).values())
     uniform = len(plan) == len(blocks) and len(set(plan.values())) == 1
     if config.heads_ratio < 1 and not uniform and _counts_heads(blocks[0]):
@@ -214,7 +216,7 @@ def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress
     kept_channels, kept_groups = set(), set()
     for index, ratio in tqdm(plan.items(), desc="folding", disable=not show_progress, leave=False):
         block = blocks[index]
-        kept_channels.add(fold_site(block, mlp_site(block), ratio, config))
+        kept_channels.add(fold_site(block, mlp_site(block), ratio, config, width_multiple(config.quantize)))
         if config.heads_ratio < 1:
             kept_groups.add(fold_site(block, attention_site(block, model.config), config.heads_ratio, config))
     if uniform:
@@ -225,8 +227,8 @@ def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress
                                  for name, m in folded.items()}
     mark_compressed(model, shapes=shapes, method="fold", fold=config.to_dict(),
                     size_ratio=round(params / dense_params, 6), target_params=params,
-                    target_dense_params=dense_params)
-    return model
+                    target_dense_params=dense_params, width_multiple=width_multiple(config.quantize), **sizes)
+    return quantize(model, config.quantize, config.quantize_head) if config.quantize else model
 
 
 HEAD_COUNTS = ("num_heads", "num_key_value_heads")  # attention attributes some models keep

@@ -1,0 +1,97 @@
+"""Every command's output is a valid input of the next, read back from disk through the CLI:
+fold (each schedule) -> compress -> materialize -> quantize -> eval / info / push, or one clear
+sentence saying why not."""
+
+import json
+
+import pytest
+
+from conftest import run_cli, tiny_model
+
+SMALL_PASS = ("--max-steps", 4, "--seq-len", 32, "--batch-size", 4, "--save-every", 100)
+SMALL_EVAL = ("--max-windows", 2, "--seq-len", 32)
+
+
+def ok(monkeypatch, capsys, *args) -> tuple[str, str]:
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code in (0, None), err
+    return out, err
+
+
+def refused(monkeypatch, capsys, *args) -> str:
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("src") / "tiny"
+    model = tiny_model()
+    model.config.name_or_path = "some-org/tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def check_consumers(monkeypatch, capsys, path, tmp_path, quantized=False):
+    """info, eval and push --dry-run accept `path` as written on disk."""
+    report = json.loads(ok(monkeypatch, capsys, "info", path, "--json")[0])
+    assert report["model_bytes"] > 0 and (report["quantization"] is not None) == quantized
+    ok(monkeypatch, capsys, "eval", path, *SMALL_EVAL)
+    assert (path / "eval_results.json").is_file()
+    out, _ = ok(monkeypatch, capsys, "push", path, "--repo-id", "me/tiny", "--dry-run")
+    assert "hf-compress" in out
+    return report
+
+
+@pytest.mark.parametrize("layers", ["middle", "all", "0=0.75,1"])
+def test_fold_compress_materialize_quantize(monkeypatch, capsys, source, tmp_path, layers):
+    folded, compressible = tmp_path / "folded", tmp_path / "acip"
+    ok(monkeypatch, capsys, "fold", source, "--ratio", 0.5, "--layers", layers, "--output", folded)
+    check_consumers(monkeypatch, capsys, folded, tmp_path)
+    ok(monkeypatch, capsys, "compress", folded, "--output", compressible, *SMALL_PASS)
+    ok(monkeypatch, capsys, "info", compressible)
+    ok(monkeypatch, capsys, "eval", compressible, "--size-ratios", "0.5,1.0", *SMALL_EVAL)
+    ok(monkeypatch, capsys, "materialize", compressible, "--size-ratio", 0.6, "--output", tmp_path / "m")
+    report = check_consumers(monkeypatch, capsys, tmp_path / "m", tmp_path)
+    assert report["source_params"] == sum(p.numel() for p in tiny_model().parameters())
+    ok(monkeypatch, capsys, "quantize", tmp_path / "m", "--method", "int8", "--output", tmp_path / "q")
+    check_consumers(monkeypatch, capsys, tmp_path / "q", tmp_path, quantized=True)
+    ok(monkeypatch, capsys, "materialize", compressible, "--max-size", "300KB", "--quantize", "nf4",
+       "--output", tmp_path / "mq")
+    report = check_consumers(monkeypatch, capsys, tmp_path / "mq", tmp_path, quantized=True)
+    assert report["model_bytes"] <= 300_000
+
+
+def test_fold_then_quantize(monkeypatch, capsys, source, tmp_path):
+    ok(monkeypatch, capsys, "fold", source, "--ratio", 0.7, "--layers", "all", "--output", tmp_path / "f")
+    ok(monkeypatch, capsys, "quantize", tmp_path / "f", "--method", "nf4", "--output", tmp_path / "q")
+    check_consumers(monkeypatch, capsys, tmp_path / "q", tmp_path, quantized=True)
+    _, err = ok(monkeypatch, capsys, "fold", source, "--ratio", 0.7, "--quantize", "fp4", "--output", tmp_path / "fq")
+    assert "fp4" in err
+    check_consumers(monkeypatch, capsys, tmp_path / "fq", tmp_path, quantized=True)
+
+
+def test_what_cannot_compose_says_why(monkeypatch, capsys, source, tmp_path):
+    compressible = tmp_path / "acip"
+    ok(monkeypatch, capsys, "compress", source, "--output", compressible, *SMALL_PASS)
+    ok(monkeypatch, capsys, "materialize", compressible, "--size-ratio", 0.5, "--output", tmp_path / "m")
+    assert "cannot compress a model with factorized (ACIP) layers" in refused(
+        monkeypatch, capsys, "compress", tmp_path / "m", "--output", tmp_path / "again", *SMALL_PASS)
+    assert "cannot fold a model with factorized" in refused(
+        monkeypatch, capsys, "fold", tmp_path / "m", "--ratio", 0.5, "--output", tmp_path / "f")
+    ok(monkeypatch, capsys, "quantize", source, "--method", "nf4", "--output", tmp_path / "q")
+    for command in (("compress", tmp_path / "q", "--output", tmp_path / "c2", *SMALL_PASS),
+                    ("fold", tmp_path / "q", "--ratio", 0.5, "--output", tmp_path / "f2"),
+                    ("quantize", tmp_path / "q", "--output", tmp_path / "q2")):
+        assert "quantized" in refused(monkeypatch, capsys, *command)
+    assert "exactly one of --size-ratio and --max-size" in refused(
+        monkeypatch, capsys, "materialize", compressible, "--output", tmp_path / "x")
+    assert "size must look like" in refused(
+        monkeypatch, capsys, "materialize", compressible, "--max-size", "lots", "--output", tmp_path / "x")
+    assert "quantization must be one of" in refused(
+        monkeypatch, capsys, "materialize", compressible, "--size-ratio", 0.5, "--quantize", "int4",
+        "--output", tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "again").exists()
