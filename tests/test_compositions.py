@@ -95,3 +95,21 @@ def test_what_cannot_compose_says_why(monkeypatch, capsys, source, tmp_path):
         monkeypatch, capsys, "materialize", compressible, "--size-ratio", 0.5, "--quantize", "int4",
         "--output", tmp_path / "x")
     assert not (tmp_path / "x").exists() and not (tmp_path / "again").exists()
+
+
+def test_dtype_and_device_on_every_command(monkeypatch, capsys, source, tmp_path):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)  # `--device cpu` sets it: restored afterwards
+    compressible = tmp_path / "acip"
+    ok(monkeypatch, capsys, "compress", source, "--output", compressible, "--dtype", "bfloat16", "--device", "cpu",
+       *SMALL_PASS)
+    ok(monkeypatch, capsys, "materialize", compressible, "--size-ratio", 0.6, "--dtype", "bfloat16",
+       "--device", "cpu", "--output", tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    ok(monkeypatch, capsys, "fold", source, "--ratio", 0.5, "--dtype", "bfloat16", "--output", tmp_path / "f")
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["dtype"] == "bfloat16"
+    out, _ = ok(monkeypatch, capsys, "eval", tmp_path / "m", "--dtype", "float32", "--device", "cpu", *SMALL_EVAL)
+    assert "perplexity" in out
+    assert "unknown device" in refused(monkeypatch, capsys, "eval", tmp_path / "m", "--device", "tpu9", *SMALL_EVAL)
+    assert "dtype must be one of" in refused(monkeypatch, capsys, "eval", tmp_path / "m", "--dtype", "int3")
+    assert "--device takes only cpu or auto" in refused(
+        monkeypatch, capsys, "compress", source, "--output", tmp_path / "c2", "--device", "cuda:1")
