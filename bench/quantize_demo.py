@@ -1,7 +1,7 @@
 """Quantization composed with ACIP and folding on the demo model: held-out perplexity against
 the bytes of the checkpoint's weights, the frontier, and the best combination at three budgets.
 
-    python bench/quantize_demo.py                      # the full benchmark (~70 min on 2 cores)
+    python bench/quantize_demo.py                      # the full benchmark (~45 min on 2 cores)
     python bench/quantize_demo.py --quick --out DIR    # a reduced run, so that CI keeps it alive
 
 Models: the dense demo in float32 / bfloat16 / int8 / nf4 (and nf4 with bfloat16 embeddings),
@@ -89,8 +89,8 @@ def configurations(args, cm):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--ratios", default="0.9,0.8,0.6,0.4")
     parser.add_argument("--bf16-ratios", default="0.8")
     parser.add_argument("--fold-ratio", type=float, default=0.9)

@@ -193,11 +193,9 @@ def write_json(data: dict, path: str | Path) -> None:
 
 
 def plot_curve(records: list[dict], path: str | Path, title: str) -> None:
-    """Quality against size ratio and against bytes, one line per metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Quality against size ratio and against bytes, one line per metric. Drawn on a bare Figure,
+    not pyplot, so that a notebook's inline backend is left alone."""
+    from matplotlib.figure import Figure
 
     records = sorted(records, key=lambda r: r["size_ratio"])
     series = {}
@@ -208,7 +206,8 @@ def plot_curve(records: list[dict], path: str | Path, title: str) -> None:
             series[f"{task} {metric}"] = [r["tasks"][task][metric] for r in records]
     if not series:
         raise HfCompressError("nothing to plot: evaluate perplexity or at least one task")
-    fig, axes = plt.subplots(len(series), 2, figsize=(10, 3.2 * len(series)), squeeze=False)
+    fig = Figure(figsize=(10, 3.2 * len(series)))
+    axes = fig.subplots(len(series), 2, squeeze=False)
     for row, (label, values) in zip(axes, series.items()):
         for ax, xs, xlabel in ((row[0], [r["size_ratio"] for r in records], "size ratio (targeted layers)"),
                                (row[1], [r["model_bytes"] / 2**20 for r in records], "model size (MiB)")):
@@ -221,4 +220,3 @@ def plot_curve(records: list[dict], path: str | Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -118,10 +118,6 @@ def quantize(model: PreTrainedModel, method: str = "nf4", quantize_head: bool = 
     return quantized.eval()
 
 
-def is_quantized(model: PreTrainedModel) -> bool:
-    return getattr(model.config, "quantization_config", None) is not None
-
-
 def quantization_of(config) -> dict | None:
     """{'method': nf4 | fp4 | int8, 'unquantized': [...]} from a model config, or None."""
     q = getattr(config, "quantization_config", None)
