@@ -110,5 +110,6 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, output: str | Path, overw
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_card(tmp, Path(output).name)
+        if getattr(model.config, "hf_compress", None):  # a model hf-compress made: say what it is
+            write_card(tmp, Path(output).name)
     return Path(output)
