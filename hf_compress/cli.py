@@ -23,6 +23,7 @@ MODEL_HELP = "Hub id, local checkpoint directory, .gguf file, or 'demo' (the bun
 DEVICE_HELP = "cpu, cuda, cuda:N (default: what Accelerate picks, the GPU when there is one)."
 DTYPE_HELP = "float32, bfloat16 or float16 (default: the source's dtype on GPU, float32 on CPU)."
 QUANTIZE_HELP = "Quantize with bitsandbytes: nf4, fp4 or int8 (embeddings and the output head stay in float)."
+QUANTIZE_HEAD_HELP = "Quantize the output head too (when it is not tied to the embeddings)."
 
 
 def _progress_dir(output: Path) -> Path:
@@ -104,7 +105,7 @@ def materialize(
     size_ratio: Optional[float] = typer.Option(None, help="Fraction of the targeted parameters to keep, in (0, 1]."),
     max_size: Optional[str] = typer.Option(None, help="Instead of a ratio: the largest model whose weights fit, e.g. 60MB."),
     quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP),
-    quantize_head: bool = typer.Option(False, help="Quantize the output head too (when it is not tied to the embeddings)."),
+    quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
@@ -138,7 +139,7 @@ def quantize_command(
     model: str = typer.Argument(..., help=MODEL_HELP + " Folded and materialized checkpoints too."),
     method: str = typer.Option("nf4", help="nf4, fp4 or int8."),
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
-    quantize_head: bool = typer.Option(False, help="Quantize the output head too (when it is not tied to the embeddings)."),
+    quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
@@ -192,7 +193,7 @@ def _quantized_note(model) -> str:
     if quantization is None:
         return ""
     kept = len(quantization["unquantized"])
-    multiple = model.config.hf_compress.get("width_multiple", 1) if hasattr(model.config, "hf_compress") else 1
+    multiple = model.config.hf_compress.get("width_multiple", 1)  # quantize() records it on every model
     rounded = f", ranks and widths rounded to multiples of {multiple} for the 4-bit kernel" if multiple > 1 else ""
     return f", {quantization['method']} ({kept} Linear layers left in float{rounded})"
 
@@ -210,7 +211,7 @@ def fold_command(
     variance_correction: bool = typer.Option(False, help="Rescale merged units to their members' norm."),
     seed: int = typer.Option(0, help="k-means seed."),
     quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP + " Folded widths are rounded to what the kernel packs."),
-    quantize_head: bool = typer.Option(False, help="Quantize the output head too (when it is not tied to the embeddings)."),
+    quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
