@@ -50,6 +50,10 @@ def compress(
     batch_size: int = typer.Option(4, help="Windows per step (global, across processes)."),
     lora_rank: int = typer.Option(0, help="Rank of LoRA adapters trained with the masks (0: none)."),
     basis: str = typer.Option("whitened", help="'whitened' (activation-aware SVD) or 'plain' SVD."),
+    whitening_windows: int = typer.Option(16, help="Calibration windows whose inputs whiten the SVD (their tokens "
+                                          "should outnumber the widest layer input)."),
+    gradient_checkpointing: bool = typer.Option(True, help="Recompute block activations in backward: "
+                                                "far less memory for about a third more compute."),
     include: Optional[str] = typer.Option(None, help="Regex: only layers whose name matches."),
     exclude: Optional[str] = typer.Option(None, help="Regex: skip layers whose name matches."),
     seed: int = typer.Option(0, help="Seed for data order and LoRA init."),
@@ -76,7 +80,8 @@ def compress(
     if device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"  # read by Accelerate before it picks a device
     config = AcipConfig(stop_ratio=stop_ratio, max_steps=max_steps, batch_size=batch_size,
-                        lora_rank=lora_rank, basis=basis, include=include, exclude=exclude,
+                        lora_rank=lora_rank, basis=basis, whitening_windows=whitening_windows,
+                        gradient_checkpointing=gradient_checkpointing, include=include, exclude=exclude,
                         seed=seed, save_every=save_every)
     progress = _progress_dir(output)
     if overwrite:

@@ -4,7 +4,8 @@ A source is `builtin` (CPython's embedded pydoc topics, ~465k characters of Engl
 prose, split deterministically: first 80% of tokens for calibration, last 20% held out), a local
 `.txt` / `.jsonl` / `.parquet` file, or a Hub dataset id (streamed; a local directory laid out
 like a Hub dataset repository works the same way). Texts are joined with the
-tokenizer's EOS token and cut into non-overlapping windows of `seq_len` tokens.
+tokenizer's EOS token and cut into non-overlapping windows of `seq_len` tokens, each opening with
+BOS when the tokenizer puts BOS at the start of what it encodes.
 """
 
 from __future__ import annotations
@@ -91,14 +92,26 @@ def calibration_data(
     if source == BUILTIN:
         cut = int(len(ids) * CALIBRATION_FRACTION)
         ids = ids[:cut] if split == "calibration" else ids[cut:]
-    n = len(ids) // seq_len
+    bos = leading_bos(tokenizer)
+    width = seq_len - len(bos)  # text tokens a window
+    n = len(ids) // width if width > 0 else 0
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
         raise HfCompressError(
             f"'{source}' has {len(ids)} tokens, fewer than one window of {seq_len}"
         )
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    windows = torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+    return torch.cat([torch.tensor(bos, dtype=torch.long).expand(n, len(bos)), windows], dim=1)
+
+
+def leading_bos(tokenizer) -> list[int]:
+    """[BOS] if the tokenizer starts every encoded text with it (Llama, Gemma: those models were
+    trained so, and Gemma degrades badly without it), else []. Each window then starts with it."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
 def tokenize_joined(tokenizer, texts: list[str]) -> list[int]:

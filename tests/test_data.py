@@ -1,5 +1,6 @@
 """Calibration data from every source, the builtin split, and its errors."""
 
+import copy
 import json
 
 import pytest
@@ -70,3 +71,20 @@ def test_hub_dataset_path_with_a_local_stand_in(tokenizer, tmp_path):
     windows = calibration_data(tokenizer, str(tmp_path / "user-dataset"), seq_len=16,
                                text_column="content", dataset_split="train", max_windows=20)
     assert windows.shape == (20, 16)
+
+
+def test_windows_open_with_bos_when_the_tokenizer_adds_it(tokenizer):
+    """Llama / Gemma tokenizers start every text with BOS, so every window does too."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    eos = tokenizer.eos_token_id
+    backend.post_processor = processors.TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", eos)])
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
+                                       bos_token="<eos>")
+    plain = calibration_data(tokenizer, "builtin", seq_len=32, max_windows=4)
+    windows = calibration_data(with_bos, "builtin", seq_len=32, max_windows=4)
+    assert windows.shape == (4, 32) and (windows[:, 0] == eos).all()
+    assert torch.equal(windows[0, 1:], plain.flatten()[:31])  # the text continues across windows
+    assert torch.equal(windows[1, 1:], plain.flatten()[31:62])

@@ -32,6 +32,25 @@ def test_same_seed_same_scores():
         assert torch.equal(a.layers[name].score, b.layers[name].score)
 
 
+def test_gradient_checkpointing_changes_memory_not_scores():
+    checkpointed, plain = short_pass(), short_pass(gradient_checkpointing=False)
+    for name, factors in plain.layers.items():
+        torch.testing.assert_close(checkpointed.layers[name].score, factors.score)
+    model = checkpointed.base_model
+    assert not any("forward" in vars(block) for block in model.model.layers)  # the patch is undone
+
+
+def test_masks_without_gradient_stay_put():
+    """A layer no token reached (an unrouted expert) gets no gradient; the others still move."""
+    model = tiny_model()
+    layers = train.inject(model, AcipConfig(basis="plain"), ["model.layers.0.mlp.up_proj",
+                                                             "model.layers.1.mlp.up_proj"])
+    first, second = layers.values()
+    first.mask.grad = torch.ones_like(first.mask)
+    train.mask_step(layers, lam=0.5, lr=0.1, cap=2.0)
+    assert (first.mask == 1.05).all() and (second.mask == 1.0).all()
+
+
 def test_model_is_restored_to_dense():
     model, data = tiny_model(), tiny_data()
     reference = model(data[:2]).logits

@@ -8,7 +8,8 @@ import torch
 from conftest import ARCHS, tiny_data, tiny_model
 from hf_compress import AcipConfig, HfCompressError
 from hf_compress.acip.layer import SVDLinear
-from hf_compress.acip.train import inject, input_choleskys
+from hf_compress.acip.train import inject, svd_form
+from hf_compress.acip.whitening import block_covariances
 from hf_compress.models import find_targets
 
 
@@ -21,11 +22,57 @@ def relative_error(a, b):
 def test_exact_at_init(arch, basis):
     model = tiny_model(arch)
     data = tiny_data(8)
-    reference = model(data).logits
-    choleskys = input_choleskys(model, find_targets(model), data.split(4)) if basis == "whitened" else None
-    layers = inject(model, AcipConfig(basis=basis, lora_rank=2), choleskys)
-    assert layers and all(isinstance(m, SVDLinear) for m in layers.values())
+    reference, names = model(data).logits, list(find_targets(model))
+    layers, originals = svd_form(model, data, AcipConfig(basis=basis, lora_rank=2, batch_size=4), "cpu",
+                                 show_progress=False)
+    assert list(layers) == list(originals) == names
+    assert all(isinstance(m, SVDLinear) for m in layers.values())
     assert relative_error(model(data).logits, reference) < 1e-5
+
+
+def full_forward_covariances(model, data):
+    """The reference: every target's input covariance from hooks on one plain forward."""
+    sums, handles = {}, []
+    for name, module in find_targets(model).items():
+        def hook(module, args, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.t() @ x
+        handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for batch in data.split(4):
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    return sums
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_by_block_covariances_equal_one_forward(arch):
+    """Sequential capture gives every layer the covariance a full forward gives it, one per
+    shared input (q/k/v, gate/up share theirs), while the caller replaces layers as they come."""
+    model, data = tiny_model(arch), tiny_data(8)
+    reference = full_forward_covariances(model, data)
+    config, seen, groups = AcipConfig(basis="plain"), {}, []
+    for names, covariance in block_covariances(model, find_targets(model), list(data.split(4)), False):
+        groups.append(names)
+        for name in names:
+            seen[name] = covariance
+        inject(model, config, names)  # replacing a block's layers must not change later blocks' inputs
+    assert seen.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(seen[name], reference[name], rtol=1e-4, atol=1e-3)
+    if arch == "llama":
+        assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                "model.layers.0.self_attn.v_proj"] in groups
+        assert ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"] in groups
+        assert len(groups) == 8  # 4 distinct inputs a block
+
+
+def test_few_whitening_tokens_warn():
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match="fewer than the 96 inputs of model.layers.0.mlp.down_proj"):
+        svd_form(model, tiny_data(2, seq_len=16), AcipConfig(whitening_windows=2, batch_size=2), "cpu",
+                 show_progress=False)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -64,7 +111,8 @@ def test_no_match_is_an_error():
 
 def test_dead_values_leave_the_computation():
     model = tiny_model("llama")
-    layer = inject(model, AcipConfig(basis="plain"))["model.layers.0.mlp.down_proj"]
+    name = "model.layers.0.mlp.down_proj"
+    layer = inject(model, AcipConfig(basis="plain"), [name])[name]
     x = torch.randn(3, 96)
     with torch.no_grad():
         layer.mask[:10] = -1.0

@@ -23,7 +23,8 @@ class AcipConfig:
     max_steps: int = 200
     batch_size: int = 4
     basis: str = "whitened"  # "whitened" (activation-aware, SVD-LLM) or "plain" SVD
-    whitening_windows: int = 16  # calibration windows for the input covariance
+    whitening_windows: int = 16  # calibration windows for the input covariances
+    gradient_checkpointing: bool = True  # recompute block activations in backward: less memory, ~1/3 more compute
     mask_init: float = 1.0
     mask_lr: float | None = None  # None: derived from max_steps (see `learning_rate`)
     lambda_init: float = 0.5  # in units of the mean |gate gradient|: about where deaths begin
@@ -40,8 +41,8 @@ class AcipConfig:
     def __post_init__(self):
         if not 0 < self.stop_ratio < 1:
             raise HfCompressError(f"stop ratio must be in (0, 1), got {self.stop_ratio}")
-        if self.max_steps < 1 or self.batch_size < 1:
-            raise HfCompressError("max steps and batch size must be positive")
+        if self.max_steps < 1 or self.batch_size < 1 or self.whitening_windows < 1:
+            raise HfCompressError("max steps, batch size and whitening windows must be positive")
         if self.basis not in BASES:
             raise HfCompressError(f"basis must be one of {BASES}, not '{self.basis}'")
         if self.lora_rank < 0:

@@ -15,6 +15,8 @@ the demo model one such step took the loss from 3.1 to 9.7 (see docs/BENCHMARKS.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import shutil
 import time
@@ -24,62 +26,30 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import source_of, source_sizes
 from ..errors import HfCompressError
-from ..models import find_targets, require_dense
+from ..models import decoder_blocks, find_targets, require_dense
 from .compressible import CompressibleModel, LayerFactors
 from .config import AcipConfig
 from .layer import SVDLinear
+from .whitening import block_covariances, cholesky
 
 PROGRESS_FILE = "progress.pt"
 
 
-@torch.no_grad()
-def input_choleskys(model: nn.Module, targets: dict[str, nn.Module], batches,
-                    show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """Cholesky factors of each target's input covariance over the calibration batches."""
-    covariances = {name: 0.0 for name in targets}
-
-    def hook(name):
-        def accumulate(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            covariances[name] = covariances[name] + x.t() @ x
-        return accumulate
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
-    try:
-        for batch in tqdm(batches, desc="input covariance", leave=False, disable=not show_progress):
-            model(input_ids=batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: _cholesky(covariances.pop(name)) for name in list(covariances)}  # one at a time in memory
-
-
-def _cholesky(cov: torch.Tensor) -> torch.Tensor:
-    """Cholesky with just enough damping to be positive definite (inputs can be rank-deficient)."""
-    eye = torch.eye(len(cov), device=cov.device)
-    scale = cov.diagonal().mean().clamp_min(1e-12)
-    for damping in (1e-6, 1e-4, 1e-2, 1e-1):
-        factor, info = torch.linalg.cholesky_ex(cov + damping * scale * eye)
-        if info == 0:
-            return factor
-    raise HfCompressError("input covariance is not positive definite even after damping")
-
-
-def inject(model: nn.Module, config: AcipConfig, choleskys=None, show_progress: bool = True) -> dict[str, SVDLinear]:
-    """Replace every target in place by its SVDLinear; return them by name."""
-    targets = find_targets(model, config.include, config.exclude)
+def inject(model: nn.Module, config: AcipConfig, names, cholesky: torch.Tensor | None = None) -> dict[str, SVDLinear]:
+    """Replace the targets `names` in place by SVDLinears (whitened by `cholesky`, the factor of
+    their shared input covariance, if given); return them by name."""
     layers = {}
-    for name, module in tqdm(targets.items(), desc="SVD of target layers", leave=False, disable=not show_progress):
-        layer = SVDLinear(module, (choleskys or {}).pop(name, None), config.mask_init,  # freed as used
-                          config.lora_rank, config.lora_alpha)
+    for name in names:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-        layers[name] = layer
+        parent = model.get_submodule(parent_name)
+        layers[name] = SVDLinear(getattr(parent, child), cholesky, config.mask_init, config.lora_rank, config.lora_alpha)
+        setattr(parent, child, layers[name])
     return layers
 
 
@@ -107,18 +77,28 @@ def shuffled(data: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progress: bool = True) -> tuple[dict, dict]:
-    """Put `model` on `device` in SVD form (whitened on the first windows of `data` if asked).
-    Returns the SVDLinear layers and the original modules, parked on CPU, by name."""
+    """Put `model` on `device` in SVD form (whitened on the first windows of `data` if asked,
+    one block at a time). Returns the SVDLinear layers and the original modules by name, the
+    originals moved to CPU as soon as they are replaced (kept only to be put back afterwards)."""
     model.requires_grad_(False).to(device)
     originals = find_targets(model, config.include, config.exclude)
-    choleskys = None
+    layers = {}
     if config.basis == "whitened":
         windows = data[: config.whitening_windows].to(device)
-        choleskys = input_choleskys(model, originals, windows.split(config.batch_size), show_progress)
-    layers = inject(model, config, choleskys, show_progress)
-    for module in originals.values():
-        module.to("cpu")  # kept only to be put back afterwards
-    return layers, originals
+        for names, covariance in block_covariances(model, originals, list(windows.split(config.batch_size)),
+                                                   show_progress):
+            factor = cholesky(covariance)
+            del covariance
+            layers |= inject(model, config, names, factor)
+            for name in names:
+                originals[name].to("cpu")
+    unreached = [name for name in originals if name not in layers]  # plain basis, or no input seen
+    if config.basis == "whitened" and unreached:
+        warnings.warn(f"{len(unreached)} layers (e.g. {unreached[0]}) saw no calibration input and use the plain SVD basis")
+    for name in tqdm(unreached, desc="SVD of target layers", leave=False, disable=not show_progress):
+        layers |= inject(model, config, [name])
+        originals[name].to("cpu")
+    return {name: layers[name] for name in originals}, originals
 
 
 def svd_compressible(model, data: torch.Tensor, config: AcipConfig | None = None, **overrides) -> CompressibleModel:
@@ -177,38 +157,39 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     for layer in layers.values():
         layer.compact()
 
-    ratio = size_ratio(layers)
-    bar = tqdm(total=config.max_steps, initial=state["step"], desc="ACIP",
-               disable=not show_progress)
-    # Eval mode: no dropout, so the ranking is deterministic and equal across processes.
-    for (batch,) in _cycle(accelerator, loader, state["step"]):
-        if state["step"] >= config.max_steps or ratio <= config.stop_ratio:
-            break
-        started = time.perf_counter()
-        loss = wrapped(input_ids=batch, labels=batch).loss
-        accelerator.backward(loss)
-        mask_step(layers, state["lam"], config.learning_rate, config.mask_init)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        for layer in layers.values():
-            layer.update_scores()
-        state["step"] += 1
+    with checkpointed_blocks(model, config.gradient_checkpointing):
         ratio = size_ratio(layers)
-        target = config.target_ratio(state["step"], state["start_soft_ratio"])
-        loss_value = accelerator.reduce(loss.detach(), "mean").item()
-        state["history"].append({"step": state["step"], "size_ratio": round(ratio, 5), "lambda": state["lam"],
-                                 "loss": round(loss_value, 4), "seconds": round(time.perf_counter() - started, 3)})
-        # Steer by the lag-free soft size along the schedule, then by the real size until done.
-        in_schedule = state["step"] < config.schedule_fraction * config.max_steps
-        steered = soft_ratio(layers, config.mask_init) if in_schedule else ratio
-        state["lam"] *= config.growth if steered > target else 1 / config.growth
-        bar.update(1)
-        bar.set_postfix(ratio=f"{ratio:.3f}", target=f"{target:.3f}", lam=f"{state['lam']:.2e}",
-                        loss=f"{loss_value:.3f}")
-        if progress is not None and state["step"] % config.save_every == 0:
-            _save_progress(accelerator, progress, config, layers, optimizers, state)
-    bar.close()
+        bar = tqdm(total=config.max_steps, initial=state["step"], desc="ACIP",
+                   disable=not show_progress)
+        # Eval mode: no dropout, so the ranking is deterministic and equal across processes.
+        for (batch,) in _cycle(accelerator, loader, state["step"]):
+            if state["step"] >= config.max_steps or ratio <= config.stop_ratio:
+                break
+            started = time.perf_counter()
+            loss = wrapped(input_ids=batch, labels=batch).loss
+            accelerator.backward(loss)
+            mask_step(layers, state["lam"], config.learning_rate, config.mask_init)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for layer in layers.values():
+                layer.update_scores()
+            state["step"] += 1
+            ratio = size_ratio(layers)
+            target = config.target_ratio(state["step"], state["start_soft_ratio"])
+            loss_value = accelerator.reduce(loss.detach(), "mean").item()
+            state["history"].append({"step": state["step"], "size_ratio": round(ratio, 5), "lambda": state["lam"],
+                                     "loss": round(loss_value, 4), "seconds": round(time.perf_counter() - started, 3)})
+            # Steer by the lag-free soft size along the schedule, then by the real size until done.
+            in_schedule = state["step"] < config.schedule_fraction * config.max_steps
+            steered = soft_ratio(layers, config.mask_init) if in_schedule else ratio
+            state["lam"] *= config.growth if steered > target else 1 / config.growth
+            bar.update(1)
+            bar.set_postfix(ratio=f"{ratio:.3f}", target=f"{target:.3f}", lam=f"{state['lam']:.2e}",
+                            loss=f"{loss_value:.3f}")
+            if progress is not None and state["step"] % config.save_every == 0:
+                _save_progress(accelerator, progress, config, layers, optimizers, state)
+        bar.close()
 
     reached = ratio <= config.stop_ratio
     if not reached:
@@ -227,13 +208,32 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
 @torch.no_grad()
 def mask_step(layers: dict[str, SVDLinear], lam: float, lr: float, cap: float) -> None:
     """mask += lr * (|gate gradient| / its mean over alive masks - lam * d||relu(mask)||_1),
-    capped at `cap` so that no mask winds up beyond what lambda can bring down in time."""
+    capped at `cap` so that no mask winds up beyond what lambda can bring down in time. A layer
+    whose mask got no gradient this step (an expert no token was routed to) is left as it is."""
+    layers = {name: layer for name, layer in layers.items() if layer.mask.grad is not None}
+    if not layers:
+        return
     grads = torch.cat([layer.mask.grad[layer.alive] for layer in layers.values()])
     scale = grads.float().abs().mean().clamp_min(1e-20)
     for layer in layers.values():
         layer.mask += lr * (layer.mask.grad.abs() / scale - lam * layer.alive)
         layer.mask.clamp_(max=cap)
         layer.mask.grad = None
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module, enabled: bool = True):
+    """Recompute each decoder block's activations during backward, so the pass holds one block's
+    activations instead of all of them. Done here, not with transformers' switch, because that one
+    acts only in training mode and the pass runs in eval mode (no dropout)."""
+    blocks = decoder_blocks(model)[1] if enabled else []
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def _cycle(accelerator, loader, start_step: int):
