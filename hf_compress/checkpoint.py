@@ -99,7 +99,8 @@ def mark_compressed(model: PreTrainedModel, ranks: dict | None = None, shapes: d
     model.config.hf_compress = {**previous, **info, "format_version": FORMAT_VERSION, "source": source,
                                 "base_architecture": base, "shapes": shapes, "ranks": ranks}
     if ranks or shapes:
-        model.config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{CLASS_NAME}"}
+        previous_map = getattr(model.config, "auto_map", None) or {}  # the source's own entries stay
+        model.config.auto_map = {**previous_map, "AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{CLASS_NAME}"}
         if not isinstance(model, HfCompressMixin):
             model.__class__ = compressed_class(type(model))  # same weights, saves its modeling file
 

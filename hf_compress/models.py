@@ -247,10 +247,13 @@ def set_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 def decoder_blocks(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
-    """The ModuleList holding the decoder blocks (model.layers, transformer.h, ...)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
+    """The ModuleList holding the text decoder's blocks (model.layers, transformer.h, ...); in a
+    composite model (Gemma 3, vision-language models) those of its language model."""
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    within = next((name for name, module in model.named_modules() if module is decoder), "") if decoder else ""
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name.startswith(within):
             return name, module
     raise HfCompressError(
         f"unsupported architecture {type(model).__name__}: no list of {n_layers} decoder blocks found"
@@ -285,6 +288,13 @@ def find_targets(
             + (f" matching include={include!r} exclude={exclude!r}" if include or exclude else "")
         )
     return targets
+
+
+def expert_params(model: PreTrainedModel) -> dict[str, int]:
+    """Weights in the decoder blocks stored as stacks of matrices (mixture-of-experts layers, kept
+    as 3-D parameters by transformers 5): not Linear layers, so not compressed yet."""
+    prefix, blocks = decoder_blocks(model)
+    return {f"{prefix}.{name}": p.numel() for name, p in blocks.named_parameters() if p.dim() > 2}
 
 
 def require_dense(model: PreTrainedModel, action: str, factorized_hint: str) -> None:

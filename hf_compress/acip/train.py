@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import source_of, source_sizes
 from ..errors import HfCompressError
-from ..models import decoder_blocks, find_targets, require_dense
+from ..models import decoder_blocks, expert_params, find_targets, require_dense
 from .compressible import CompressibleModel, LayerFactors
 from .config import AcipConfig
 from .layer import SVDLinear
@@ -142,6 +142,13 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
         )
     data = shuffled(data, config.seed)
     show_progress = show_progress and accelerator.is_main_process
+    experts = sum(expert_params(model).values())
+    if experts:
+        total = sum(p.numel() for p in model.parameters())
+        warnings.warn(
+            f"the experts' weights ({experts / total:.0%} of the model's parameters, stored as 3-D tensors) are not "
+            "compressed yet: the size ratios of this pass count the attention layers only"
+        )
     layers, originals = svd_form(model, data, config, accelerator.device, show_progress)
 
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
@@ -166,7 +173,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             if state["step"] >= config.max_steps or ratio <= config.stop_ratio:
                 break
             started = time.perf_counter()
-            loss = wrapped(input_ids=batch, labels=batch).loss
+            loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss  # no cache to refill on recompute
             accelerator.backward(loss)
             mask_step(layers, state["lam"], config.learning_rate, config.mask_init)
             for optimizer in optimizers:
@@ -199,6 +206,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             "Raise --max-steps to prune further."
         )
     summary = {"steps": state["step"], "final_ratio": ratio, "reached_stop_ratio": reached,
+               **({"uncompressed_expert_params": experts} if experts else {}),
                "num_processes": accelerator.num_processes, "history": state["history"]}
     result = _to_compressible(accelerator.unwrap_model(wrapped), layers, originals, config, summary, tokenizer)
     accelerator.wait_for_everyone()

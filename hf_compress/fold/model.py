@@ -46,6 +46,14 @@ def _has(module, *names) -> bool:
     return module is not None and all(hasattr(module, n) for n in names)
 
 
+def _exists(block, path) -> bool:
+    try:
+        block.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def _out(block, path) -> int:
     return layer_shape(block.get_submodule(path)).out_features
 
@@ -60,13 +68,23 @@ def mlp_site(block: nn.Module) -> Site:
         f = _out(block, "mlp.gate_up_proj") // 2
         return Site((Segment("mlp.gate_up_proj", 0, f, 1), Segment("mlp.gate_up_proj", f, f, 1)),
                     (Segment("mlp.down_proj", 0, f, 1),))
-    if _has(mlp, "c_fc", "c_proj"):  # GPT-2: no gate
-        f = _out(block, "mlp.c_fc")
-        return Site((Segment("mlp.c_fc", 0, f, 1),), (Segment("mlp.c_proj", 0, f, 1),))
+    for up, down in UNGATED_MLPS:
+        if _exists(block, up) and _exists(block, down):
+            f = _out(block, up)
+            return Site((Segment(up, 0, f, 1),), (Segment(down, 0, f, 1),))
+    if any(p.dim() > 2 for p in block.parameters()):
+        raise HfCompressError(f"cannot fold the MLP of {type(block).__name__}: folding mixture-of-experts "
+                              "layers (experts stored as 3-D tensors) is not supported yet")
     raise HfCompressError(
         f"cannot fold the MLP of {type(block).__name__}: expected gate_proj/up_proj/down_proj, "
-        "gate_up_proj/down_proj or c_fc/c_proj"
+        "gate_up_proj/down_proj, c_fc/c_proj, fc1/fc2 or dense_h_to_4h/dense_4h_to_h"
     )
+
+
+UNGATED_MLPS = (("mlp.c_fc", "mlp.c_proj"),  # GPT-2
+                ("fc1", "fc2"),  # OPT: in the block itself
+                ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))  # GPT-NeoX, Falcon
+MLP_WIDTHS = ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner")  # config names of the MLP width
 
 
 def head_layout(block: nn.Module, config) -> tuple[int, int, int]:
@@ -85,6 +103,13 @@ def attention_site(block: nn.Module, config) -> Site:
             "with a head_dim of their own"
         )
     heads, kv_heads, head_dim = head_layout(block, config)
+    spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
+                not in (0, head_dim)]
+    if spanning:
+        raise HfCompressError(
+            f"cannot fold attention heads of {type(block).__name__}: its {'/'.join(spanning)} normalize across all "
+            "heads at once; fold its MLP only (heads ratio 1)"
+        )
     group = heads // kv_heads * head_dim  # query rows of one KV group
     output = (Segment("self_attn.o_proj", 0, kv_heads, group),)
     if fused:
@@ -202,6 +227,7 @@ def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress
     intermediate_size / head counts, no remote code needed); any other schedule records
     per-layer shapes for the self-contained checkpoint format."""
     config = config or FoldConfig(**overrides)
+    text_config = model.config.get_text_config()  # a composite model's language part
     _, blocks = decoder_blocks(model)
     plan = config.schedule(len(blocks))
     require_dense(model, "fold", "fold first, then compress")
@@ -218,9 +244,9 @@ def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress
         block = blocks[index]
         kept_channels.add(fold_site(block, mlp_site(block), ratio, config, width_multiple(config.quantize)))
         if config.heads_ratio < 1:
-            kept_groups.add(fold_site(block, attention_site(block, model.config), config.heads_ratio, config))
+            kept_groups.add(fold_site(block, attention_site(block, text_config), config.heads_ratio, config))
     if uniform:
-        _shrink_config(model.config, blocks, kept_channels.pop(), kept_groups.pop() if kept_groups else None)
+        _shrink_config(text_config, blocks, kept_channels.pop(), kept_groups.pop() if kept_groups else None)
     folded = find_targets(model)
     params = sum(layer_shape(m).dense_params for m in folded.values())
     shapes = {} if uniform else {name: [layer_shape(m).in_features, layer_shape(m).out_features]
@@ -240,7 +266,7 @@ def _counts_heads(block: nn.Module) -> bool:
 
 def _shrink_config(config, blocks: nn.ModuleList, channels: int, groups: int | None) -> None:
     """After a uniform fold: the config (and head counts cached on attention modules)."""
-    setattr(config, "intermediate_size" if hasattr(config, "intermediate_size") else "n_inner", channels)
+    setattr(config, next(name for name in MLP_WIDTHS if hasattr(config, name)), channels)
     if groups is None:
         return
     heads, kv_heads, head_dim = head_layout(blocks[0], config)

@@ -1,0 +1,127 @@
+"""Every common architecture through compress, materialize, fold and a reload in a process where
+hf_compress cannot be imported; what cannot be done is one clear sentence."""
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import transformers as T
+from transformers import AutoModelForCausalLM
+
+from conftest import COMMON, CONFIGS, VOCAB, tiny_data
+from hf_compress import HfCompressError, acip, fold
+from hf_compress.checkpoint import save_checkpoint
+from hf_compress.models import find_targets
+
+HEADS = dict(COMMON, head_dim=16)
+VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+MOE = dict(num_experts_per_tok=2)
+MATRIX = {
+    **CONFIGS,  # llama, qwen2, mistral, phi3, gpt2
+    "qwen3": lambda: T.Qwen3Config(**HEADS),  # per-head q/k norms
+    "gemma2": lambda: T.Gemma2Config(**HEADS),
+    "gemma3_text": lambda: T.Gemma3TextConfig(**HEADS),
+    "gemma3": lambda: T.Gemma3Config(text_config=HEADS, vision_config=VISION),  # composite: its text part
+    "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
+    "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=128),
+    "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     new_decoder_architecture=True, num_kv_heads=2),
+    "olmo2": lambda: T.Olmo2Config(**COMMON),  # q/k norms across all heads
+    "mixtral": lambda: T.MixtralConfig(**COMMON, num_local_experts=4, **MOE),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(**HEADS, moe_intermediate_size=48, num_experts=4, **MOE),
+}
+# What folding cannot do, by architecture: the start of its one-sentence error.
+NO_HEAD_FOLDING = {
+    "gpt2": "cannot fold attention heads of GPT2Block",
+    "opt": "cannot fold attention heads of OPTDecoderLayer",
+    "gpt_neox": "cannot fold attention heads of GPTNeoXLayer",
+    "falcon": "cannot fold attention heads of FalconDecoderLayer",
+    "olmo2": "cannot fold attention heads of Olmo2DecoderLayer: its q_norm/k_norm normalize across all heads",
+}
+NO_FOLDING = {
+    "mixtral": "cannot fold the MLP of MixtralDecoderLayer: folding mixture-of-experts layers",
+    "qwen3_moe": "cannot fold the MLP of Qwen3MoeDecoderLayer: folding mixture-of-experts layers",
+}
+
+
+def build(arch):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(MATRIX[arch]()).eval()
+
+
+def reload_without_hf_compress(directories, inputs, tmp_path):
+    """Logits of each checkpoint loaded by transformers alone (remote code allowed)."""
+    torch.save(inputs, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_compress"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        x = torch.load("{tmp_path / 'x.pt'}")
+        out = []
+        for path in {[str(d) for d in directories]!r}:
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+            with torch.no_grad():
+                out.append(model(x).logits)
+        torch.save(out, "{tmp_path / 'y.pt'}")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(tmp_path / "y.pt")
+
+
+@pytest.mark.parametrize("arch", MATRIX)
+def test_architecture(arch, tmp_path):
+    data, inputs = tiny_data(8), tiny_data(2, seed=5)
+    model = build(arch)
+    moe = arch in NO_FOLDING
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = acip(model, data, max_steps=4, batch_size=4, stop_ratio=0.5, show_progress=False)
+    assert any("experts' weights" in str(w.message) for w in caught) == moe
+    assert (result.summary.get("uncompressed_expert_params", 0) > 0) == moe
+    small = result.materialize(0.6)
+    assert small.config.hf_compress["ranks"]
+    expected = [small(inputs).logits]
+    save_checkpoint(small, None, tmp_path / "materialized")
+    directories = [tmp_path / "materialized"]
+
+    folded = build(arch)
+    if moe:
+        with pytest.raises(HfCompressError, match=NO_FOLDING[arch]):
+            fold(folded, layers="all", ratio=0.5, show_progress=False)
+    else:
+        if arch in NO_HEAD_FOLDING:
+            with pytest.raises(HfCompressError, match=NO_HEAD_FOLDING[arch]):
+                fold(build(arch), layers="all", ratio=0.5, heads_ratio=0.5, show_progress=False)
+            fold(folded, layers="all", ratio=0.5, show_progress=False)
+        else:
+            fold(folded, layers="all", ratio=0.5, heads_ratio=0.5, show_progress=False)
+        assert folded.config.hf_compress["size_ratio"] < 0.8
+        assert "auto_map" not in folded.config.to_dict()  # a uniform fold is the plain architecture
+        expected.append(folded(inputs).logits)
+        save_checkpoint(folded, None, tmp_path / "folded")
+        directories.append(tmp_path / "folded")
+
+    for got, want in zip(reload_without_hf_compress(directories, inputs, tmp_path), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_composite_model_targets_its_language_model_only():
+    names = find_targets(build("gemma3"))
+    assert names and all(name.startswith("model.language_model.layers.") for name in names)
+
+
+def test_source_auto_map_is_kept(tmp_path):
+    """A source with remote-code entries of its own keeps them beside ours."""
+    model = build("llama")
+    model.config.auto_map = {"AutoConfig": "configuration_custom.CustomConfig"}
+    small = acip(model, tiny_data(8), max_steps=2, batch_size=4, show_progress=False).materialize(0.5)
+    assert small.config.auto_map["AutoConfig"] == "configuration_custom.CustomConfig"
+    assert small.config.auto_map["AutoModelForCausalLM"].endswith("HfCompressForCausalLM")
