@@ -47,7 +47,10 @@ class SVDLinear(nn.Module):
         dtype = weight.dtype
         # Frozen factors are plain tensors, not buffers: DDP need not sync them, and resumable
         # state is masks, scores and LoRA alone (the factors are recomputed deterministically).
+        # U's columns and Vt's rows are stored alive values first, so the matmuls use views of
+        # them, not copies; `stored[p]` is the value held at position p.
         self.u, self.s, self.vt = u.to(dtype), s, vt.to(dtype)
+        self.stored = torch.arange(len(s), device=s.device)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
         self.mask = nn.Parameter(torch.full_like(s, mask_init))
         self.register_buffer("alive", torch.ones_like(s, dtype=torch.bool))
@@ -66,16 +69,29 @@ class SVDLinear(nn.Module):
         return int(self.alive.sum())
 
     def compact(self) -> None:
-        """Drop dead singular values from the computation (after `alive` shrank)."""
+        """Drop dead singular values from the computation (after `alive` shrank): move the alive
+        ones, in value order, to the front of the stored factors (one layer's copy at a time)."""
         self._index = self.alive.nonzero().squeeze(1)
-        everything = len(self._index) == len(self.alive)
-        self._u = self.u if everything else self.u[:, self._index]
-        self._vt = self.vt if everything else self.vt[self._index]
-        self._s = self.s if everything else self.s[self._index]
+        n = len(self._index)
+        if not torch.equal(self.stored[:n], self._index):
+            order = torch.cat([self._index, (~self.alive).nonzero().squeeze(1)])
+            take = self._positions(order)
+            self.u, self.vt, self.stored = self.u[:, take], self.vt[take], order
+        self._u, self._vt, self._s = self.u[:, :n], self.vt[:n], self.s[self._index]
+
+    def _positions(self, values: torch.Tensor) -> torch.Tensor:
+        where = torch.empty_like(self.stored)
+        where[self.stored] = torch.arange(len(self.stored), device=where.device)
+        return where[values]
+
+    def factors(self, values: torch.Tensor):
+        """(U columns, singular values, Vt rows) of the given values, in that order."""
+        take = self._positions(values)
+        return self.u[:, take], self.s[values], self.vt[take]
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self.u, self.s, self.vt = fn(self.u), fn(self.s), fn(self.vt)
+        self.u, self.s, self.vt, self.stored = fn(self.u), fn(self.s), fn(self.vt), fn(self.stored)
         self.compact()
         return self
 

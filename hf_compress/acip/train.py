@@ -298,8 +298,7 @@ def _to_compressible(model, layers, originals, config, summary, tokenizer) -> Co
         order = order[torch.sort(layer.score[order], descending=True, stable=True).indices][:cap]
         lora_b = None if layer.lora_b is None else layer.lora_b * layer.lora_scale
         factors[name] = LayerFactors(
-            shape, layer.u[:, order].cpu(), layer.s[order].cpu(), layer.vt[order].cpu(),
-            layer.score[order].cpu(),
+            shape, *(t.cpu() for t in layer.factors(order)), layer.score[order].cpu(),
             None if layer.lora_a is None else layer.lora_a.detach().cpu(),
             None if lora_b is None else lora_b.detach().cpu(),
         )
