@@ -62,6 +62,7 @@ def compress(
                                          "pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Masks and scores stay float32."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT and discard an unfinished pass."),
+    dry_run: bool = typer.Option(False, help="Print the memory plan of this run (config only, no weights) and stop."),
 ):
     """Run one ACIP pass; afterwards `materialize` builds any size from OUTPUT in about a second."""
     from accelerate import PartialState
@@ -72,6 +73,10 @@ def compress(
     from .io import check_output
     from .models import load_model, resolve_device, resolve_dtype
 
+    if dry_run:
+        return _print_plan(model, device, dtype, batch_size=batch_size, seq_len=seq_len,
+                           num_processes=PartialState().num_processes, whitening_windows=whitening_windows,
+                           lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
     check_output(output, overwrite)
     _check_ratio(stop_ratio, allow_one=False)
     if device not in (None, "auto", "cpu"):
@@ -101,6 +106,67 @@ def compress(
             f"{time.perf_counter() - start:.0f} s\n"
             f"next: hf-compress materialize {output} --size-ratio 0.6 --output {output}-0.6"
         )
+
+
+@app.command("plan")
+def plan_command(
+    model: str = typer.Argument(..., help=MODEL_HELP.replace(", .gguf file", "")),
+    batch_size: int = typer.Option(4, help="Windows per step (global, across processes)."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration window."),
+    num_processes: int = typer.Option(1, help="Processes (GPUs) the pass runs on, data parallel."),
+    whitening_windows: int = typer.Option(16, help="Calibration windows whose inputs whiten the SVD."),
+    lora_rank: int = typer.Option(0, help="Rank of LoRA adapters trained with the masks."),
+    gradient_checkpointing: bool = typer.Option(True, help="Plan with gradient checkpointing (compress's default)."),
+    device: Optional[str] = typer.Option(None, help="Plan for this device: cpu or cuda (default: this machine's)."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    memory: Optional[str] = typer.Option(None, help="Memory of the device planned for, e.g. 80GB "
+                                         "(default: this machine's device)."),
+):
+    """Predict the peak memory of `compress` (and `materialize`) per process, from the config
+    alone, and say whether it fits the device."""
+    from .models import parse_size
+
+    _print_plan(model, device, dtype, memory=parse_size(memory) if memory else None, batch_size=batch_size,
+                seq_len=seq_len, num_processes=num_processes, whitening_windows=whitening_windows,
+                lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
+
+
+def _print_plan(model: str, device: str | None, dtype: str | None, memory: int | None = None, **settings) -> None:
+    import torch
+
+    from .models import resolve_device, resolve_dtype
+    from .plan import device_capacity, meta_model, plan_memory
+
+    if settings["batch_size"] % settings["num_processes"]:
+        raise HfCompressError(f"batch size {settings['batch_size']} must be a multiple of the "
+                              f"{settings['num_processes']} processes")
+    target = resolve_device(device)
+    net = meta_model(model)
+    chosen = resolve_dtype(dtype, target)
+    if chosen == "auto":  # the source's own dtype, as the pass would load it
+        chosen = getattr(net.config, "dtype", None) or torch.float32
+    chosen = getattr(torch, chosen) if isinstance(chosen, str) else chosen
+    plan = plan_memory(net, dtype_bytes=chosen.itemsize, on_gpu=target.type == "cuda",
+                       capacity_bytes=memory or device_capacity(target), device=str(target), **settings)
+    table = Table(title=f"memory plan of compress: {model}, {str(chosen).removeprefix('torch.')}, "
+                        f"{settings['num_processes']} process(es), batch {settings['batch_size']} x {settings['seq_len']}")
+    table.add_column("stage")
+    table.add_column(f"{target.type} per process", justify="right")
+    table.add_column("host per process", justify="right")
+    for stage in plan.stages:
+        table.add_row(stage.name, _gib(stage.device_bytes), _gib(stage.host_bytes))
+    console.print(table)
+    if plan.fits is None:
+        console.print(f"peak {_gib(plan.peak_bytes)} per process; {target} is not here: give --memory to check a fit")
+    elif plan.fits:
+        console.print(f"[green]fits[/green]: peak {_gib(plan.peak_bytes)} of {_gib(plan.capacity_bytes)} on {target}")
+    else:
+        console.print(f"[red]does not fit[/red]: peak {_gib(plan.peak_bytes)} of {_gib(plan.capacity_bytes)} on "
+                      f"{target}; lower --batch-size or --seq-len, or keep gradient checkpointing on")
+
+
+def _gib(value: int) -> str:
+    return f"{value / 2**30:,.2f} GiB"
 
 
 @app.command()

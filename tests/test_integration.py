@@ -160,3 +160,14 @@ def test_quantize_benchmark_runs_in_reduced_form(tmp_path):
     assert {"dense fp32", "dense nf4", "ACIP 0.6 nf4", "fold 0.9 nf4"} <= set(results["results"])
     assert results["results"]["dense nf4"]["bytes"] < 0.4 * results["results"]["dense fp32"]["bytes"]
     assert (tmp_path / "quantize_demo.png").is_file()
+
+
+def test_memory_plan_is_within_15_percent_of_the_measured_peaks_on_the_demo(tmp_path):
+    """bench/scale.py measures each stage's peak resident memory during a real pass on the demo."""
+    bench = Path(__file__).parents[1] / "bench" / "scale.py"
+    subprocess.run([sys.executable, str(bench), "--model", "demo", "--steps", "1", "--output", str(tmp_path)],
+                   check=True, capture_output=True)
+    report = json.loads((tmp_path / "scale_demo.json").read_text())
+    assert set(report["stages"]) == {"whitening + SVD", "pass", "materialize"}
+    for stage, row in report["stages"].items():
+        assert 0.85 <= row["measured_over_planned"] <= 1.15, (stage, row)

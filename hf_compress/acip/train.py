@@ -142,6 +142,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
         )
     data = shuffled(data, config.seed)
     show_progress = show_progress and accelerator.is_main_process
+    stages = StageMeter(accelerator.device)
     experts = sum(expert_params(model).values())
     if experts:
         total = sum(p.numel() for p in model.parameters())
@@ -150,6 +151,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             "compressed yet: the size ratios of this pass count the attention layers only"
         )
     layers, originals = svd_form(model, data, config, accelerator.device, show_progress)
+    stages.done("whitening_svd")
 
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
     optimizers = [torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0)] if loras else []
@@ -197,6 +199,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             if progress is not None and state["step"] % config.save_every == 0:
                 _save_progress(accelerator, progress, config, layers, optimizers, state)
         bar.close()
+    stages.done("pass")
 
     reached = ratio <= config.stop_ratio
     if not reached:
@@ -209,8 +212,32 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
                **({"uncompressed_expert_params": experts} if experts else {}),
                "num_processes": accelerator.num_processes, "history": state["history"]}
     result = _to_compressible(accelerator.unwrap_model(wrapped), layers, originals, config, summary, tokenizer)
+    stages.done("finish")
+    result.summary["stages"] = stages.report()
     accelerator.wait_for_everyone()
     return result
+
+
+class StageMeter:
+    """Seconds of each stage of the pass and, on a GPU, its peak allocated bytes: what the memory
+    plan predicts, measured."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.started_at, self._last, self.stages = time.time(), time.perf_counter(), {}
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = {"seconds": round(now - self._last, 3)}
+        if self.cuda:
+            self.stages[name]["peak_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        self._last = now
+
+    def report(self) -> dict:
+        return {"started_at": self.started_at, **self.stages}
 
 
 @torch.no_grad()
