@@ -76,7 +76,7 @@ def build(args):
     config = LlamaConfig(**{**SHAPES[args.shape], "num_hidden_layers": args.blocks})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    data = torch.randint(0, config.vocab_size, (max(args.batch_size * args.steps, 16), args.seq_len))
+    data = torch.randint(0, config.vocab_size, (max(args.batch_size * args.steps, args.whitening_windows), args.seq_len))
     return model, data, LlamaConfig(**SHAPES[args.shape])
 
 

@@ -95,7 +95,8 @@ def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progres
     unreached = [name for name in originals if name not in layers]  # plain basis, or no input seen
     if config.basis == "whitened" and unreached:
         warnings.warn(f"{len(unreached)} layers (e.g. {unreached[0]}) saw no calibration input and use the plain SVD basis")
-    for name in tqdm(unreached, desc="SVD of target layers", leave=False, disable=not show_progress):
+    for name in tqdm(unreached, desc="SVD of target layers", leave=False,
+                     disable=not (show_progress and unreached)):
         layers |= inject(model, config, [name])
         originals[name].to("cpu")
     return {name: layers[name] for name in originals}, originals

@@ -2,7 +2,7 @@
 rounds of pairing close units, then Lloyd iterations. Deterministic per seed.
 
 Folding keeps most units (k close to n), where k-means++ seeding needs k sequential steps and
-scikit-learn's KMeans took tens of minutes on the demo model (DESIGN.md section 4). Pairing the
+scikit-learn's KMeans took tens of minutes on the demo model. Pairing the
 closest units a round at a time reaches k clusters in a few batched rounds and leaves the
 far-apart units alone, which is what a good seeding for k ~ n should do.
 """
