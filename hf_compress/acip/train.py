@@ -41,7 +41,8 @@ from .whitening import block_covariances, cholesky
 PROGRESS_FILE = "progress.pt"
 
 
-def inject(model: nn.Module, config: AcipConfig, names, cholesky: torch.Tensor | None = None) -> dict[str, SVDLinear]:
+def inject(model: nn.Module, config: AcipConfig, names,
+           cholesky: torch.Tensor | None = None) -> dict[str, SVDLinear]:
     """Replace the targets `names` in place by SVDLinears (whitened by `cholesky`, the factor of
     their shared input covariance, if given); return them by name."""
     layers = {}
@@ -94,7 +95,8 @@ def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progres
                 originals[name].to("cpu")
     unreached = [name for name in originals if name not in layers]  # plain basis, or no input seen
     if config.basis == "whitened" and unreached:
-        warnings.warn(f"{len(unreached)} layers (e.g. {unreached[0]}) saw no calibration input and use the plain SVD basis")
+        warnings.warn(f"{len(unreached)} layers (e.g. {unreached[0]}) saw no calibration input "
+                      "and use the plain SVD basis")
     for name in tqdm(unreached, desc="SVD of target layers", leave=False,
                      disable=not (show_progress and unreached)):
         layers |= inject(model, config, [name])
@@ -149,7 +151,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
         total = sum(p.numel() for p in model.parameters())
         warnings.warn(
             f"the experts' weights ({experts / total:.0%} of the model's parameters, stored as 3-D tensors) are not "
-            "compressed yet: the size ratios of this pass count the attention layers only"
+            "compressed yet: the size ratios of this pass count the other layers only"
         )
     layers, originals = svd_form(model, data, config, accelerator.device, show_progress)
     stages.done("whitening_svd")
