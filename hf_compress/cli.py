@@ -147,7 +147,7 @@ def _print_plan(model: str, device: str | None, dtype: str | None, memory: int |
         chosen = getattr(net.config, "dtype", None) or torch.float32
     chosen = getattr(torch, chosen) if isinstance(chosen, str) else chosen
     plan = plan_memory(net, dtype_bytes=chosen.itemsize, on_gpu=target.type == "cuda",
-                       capacity_bytes=memory or device_capacity(target), device=str(target), **settings)
+                       capacity_bytes=memory or device_capacity(target), **settings)
     table = Table(title=f"memory plan of compress: {model}, {str(chosen).removeprefix('torch.')}, "
                         f"{settings['num_processes']} process(es), batch {settings['batch_size']} x {settings['seq_len']}")
     table.add_column("stage")

@@ -42,13 +42,12 @@ class Stage:
 @dataclass
 class MemoryPlan:
     stages: list[Stage]
-    device: str
     capacity_bytes: int | None  # what the detected device offers (per process)
-    num_processes: int
 
     @property
     def peak_bytes(self) -> int:
-        return max(stage.device_bytes for stage in self.stages[:-1])  # materialize runs on the host
+        """The compress stages' peak on the device (materialize runs on the host, afterwards)."""
+        return max(stage.device_bytes for stage in self.stages if stage.name != "materialize")
 
     @property
     def fits(self) -> bool | None:
@@ -88,7 +87,7 @@ def _rank(shape: LayerShape) -> int:
 def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: int = 4,
                 num_processes: int = 1, whitening_windows: int = 16, lora_rank: int = 0,
                 gradient_checkpointing: bool = True, on_gpu: bool = False,
-                capacity_bytes: int | None = None, device: str = "cpu") -> MemoryPlan:
+                capacity_bytes: int | None = None) -> MemoryPlan:
     """Predicted peak bytes of each stage of compress on `model` (typically on the meta device)."""
     b = dtype_bytes
     per_block = _targets_by_block(model)
@@ -137,7 +136,7 @@ def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: 
     stages = [Stage("whitening + SVD", whitening, whitening if not on_gpu else weights - other),
               Stage("pass", pass_device, pass_host),
               Stage("materialize", materialize, materialize)]
-    return MemoryPlan(stages, device, capacity_bytes, num_processes)
+    return MemoryPlan(stages, capacity_bytes)
 
 
 def device_capacity(device: torch.device) -> int | None:
