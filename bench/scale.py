@@ -25,11 +25,10 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # glibc reads it at start:
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch  # noqa: E402
-from accelerate import init_empty_weights  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import hf_compress as hfc  # noqa: E402
-from hf_compress.acip import train  # noqa: E402
+from hf_compress.checkpoint import empty_model  # noqa: E402
 from hf_compress.plan import meta_model, plan_memory  # noqa: E402
 
 SHAPES = {  # the published configs' shapes
@@ -41,31 +40,32 @@ SHAPES = {  # the published configs' shapes
 GIB = 2**30
 
 
-class ResidentPeak:
-    """Peak resident bytes between `start` and `stop`, sampled by a thread."""
+class ResidentMemory:
+    """Resident bytes of this process, sampled every 2 ms by a thread: `peak(start, end)` is the
+    largest sample between two wall-clock times."""
 
     def __init__(self):
         self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak, self._running = 0, False
+        self.samples: list[tuple[float, int]] = []
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
 
     def rss(self) -> int:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * self.page
 
-    def start(self):
-        self.peak, self._running = self.rss(), True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
     def _sample(self):
         while self._running:
-            self.peak = max(self.peak, self.rss())
+            self.samples.append((time.time(), self.rss()))
             time.sleep(0.002)
 
-    def stop(self) -> int:
+    def stop(self) -> None:
         self._running = False
         self._thread.join()
-        return max(self.peak, self.rss())
+
+    def peak(self, start: float, end: float) -> int:
+        return max(rss for t, rss in self.samples if start <= t <= end)
 
 
 def build(args):
@@ -108,56 +108,47 @@ def main():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     name = args.model or f"{args.shape}-{args.blocks}blocks"
 
-    meter = ResidentPeak()
-    baseline = meter.rss()
-    meter.start()
-    started = time.perf_counter()
+    memory = ResidentMemory()
+    baseline = memory.rss()
+    started = time.time()
     model, data, full_config = build(args)
-    load_seconds = time.perf_counter() - started
-    load_peak = meter.stop() - baseline
-    with init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(model.config)
+    load_seconds = time.time() - started
+    load_peak = memory.peak(started, time.time()) - baseline
+    meta = empty_model(model.config)
     settings = dict(batch_size=args.batch_size, seq_len=args.seq_len, whitening_windows=args.whitening_windows)
     plan = {stage.name: stage for stage in plan_memory(meta, dtype_bytes=4, **settings).stages}
 
     dense_seconds = dense_step_seconds(model, data[: args.batch_size])
-    peaks, timeline = {}, []
-    meter.start()
-    original_done = train.StageMeter.done
-
-    def done(self, stage):  # close the sampled window of each stage as the pass reports it
-        original_done(self, stage)
-        peaks[stage] = meter.stop() - baseline
-        timeline.append(stage)
-        meter.start()
-
-    train.StageMeter.done = done
     result = hfc.acip(model, data, max_steps=args.steps, batch_size=args.batch_size, stop_ratio=0.05,
                       whitening_windows=args.whitening_windows, show_progress=True)
-    meter.stop()
-    meter.start()
-    started = time.perf_counter()
+    started = time.time()
     result.materialize(0.5)
-    materialize_seconds = time.perf_counter() - started
-    peaks["materialize"] = meter.stop() - baseline
+    materialize_window = (started, time.time())
+    memory.stop()
 
+    # The pass reports when each of its stages started and how long it took.
     stages = result.summary["stages"]
-    measured = {"whitening + SVD": peaks["whitening_svd"], "pass": peaks["pass"], "materialize": peaks["materialize"]}
+    windows, start = {}, stages["started_at"]
+    for stage in ("whitening_svd", "pass"):
+        windows[stage] = (start, start + stages[stage]["seconds"])
+        start = windows[stage][1]
+    measured = {"whitening + SVD": memory.peak(*windows["whitening_svd"]) - baseline,
+                "pass": memory.peak(*windows["pass"]) - baseline,
+                "materialize": memory.peak(*materialize_window) - baseline}
     report = {
         "model": name, "settings": settings, "threads": torch.get_num_threads(), "load_seconds": round(load_seconds, 1),
         "load_peak_gib": round(load_peak / GIB, 3),
         "whitening_svd_seconds": stages["whitening_svd"]["seconds"],
         "first_pass_step_seconds": result.summary["history"][0]["seconds"],
         "dense_forward_backward_seconds": round(dense_seconds, 3),
-        "materialize_seconds": round(materialize_seconds, 2),
+        "materialize_seconds": round(materialize_window[1] - materialize_window[0], 2),
         "stages": {stage: {"planned_gib": round(plan[stage].device_bytes / GIB, 3),
                            "measured_gib": round(measured[stage] / GIB, 3),
                            "measured_over_planned": round(measured[stage] / plan[stage].device_bytes, 3)}
                    for stage in measured},
     }
     report["first_step_over_dense"] = round(report["first_pass_step_seconds"] / dense_seconds, 2)
-    with init_empty_weights():
-        full = AutoModelForCausalLM.from_config(full_config)
+    full = empty_model(full_config)
     for dtype_bytes, on_gpu, label in ((2, True, "full depth, bf16 on one GPU"), (4, False, "full depth, fp32 on CPU")):
         full_plan = plan_memory(full, dtype_bytes=dtype_bytes, on_gpu=on_gpu, **settings)
         report.setdefault("plan_full_depth", {})[label] = {

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -143,18 +142,13 @@ def _method_text(info: dict, quantization: dict | None) -> str:
 def _checkpoint_facts(path: Path) -> tuple[int, dict | None]:
     """Parameters of the checkpoint's model (quantized weights counted unpacked), built on the meta
     device from its config, and its quantization."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from .checkpoint import model_class_for
+    from .checkpoint import empty_model
     from .quantize import quantization_of
 
     config = AutoConfig.from_pretrained(path)
-    cls = model_class_for(config)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # factors of rank 0
-        model = cls.from_config(config) if cls is AutoModelForCausalLM else cls._from_config(config)
-    return sum(p.numel() for p in model.parameters()), quantization_of(config)
+    return sum(p.numel() for p in empty_model(config).parameters()), quantization_of(config)
 
 
 def _sizes(about: dict, params: int | None) -> list[list[str]]:

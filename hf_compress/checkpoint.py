@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -66,6 +68,14 @@ def model_class_for(config):
     if getattr(config, "hf_compress", None):
         return compressed_class(base_class(config))
     return AutoModelForCausalLM
+
+
+def empty_model(config) -> PreTrainedModel:
+    """The model a config describes on the meta device: every shape, no weights read or made."""
+    cls = model_class_for(config)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # factors of rank 0
+        return cls.from_config(config) if cls is AutoModelForCausalLM else cls._from_config(config)
 
 
 def source_of(model: PreTrainedModel) -> str | None:

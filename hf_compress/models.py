@@ -96,19 +96,32 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", dev
             raise HfCompressError(f"GGUF file not found: {source}")
         model, tokenizer = _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
         return model.to(device or "cpu"), tokenizer
+    config = load_config(source)
     try:
-        config = AutoConfig.from_pretrained(source)
         local_without_tokenizer = Path(source).is_dir() and not (Path(source) / "tokenizer_config.json").exists()
         tokenizer = None if local_without_tokenizer else AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (offline mode: it must be in the local Hub cache)" if offline else ""
-        raise HfCompressError(f"cannot load model '{source}'{hint}: {first_line(err)}") from None
+        raise _cannot_load(source, err) from None
     from .checkpoint import model_class_for
 
     device_map = None if device is None else {"": torch.device(device)}  # quantized weights load there
     model = model_class_for(config).from_pretrained(source, dtype=dtype, device_map=device_map)
     return model.eval(), tokenizer
+
+
+def load_config(source: str | os.PathLike):
+    """The config of a Hub id (only config.json is fetched), a directory, or the demo."""
+    source = str(demo_checkpoint()) if str(source) == DEMO else str(source)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise _cannot_load(source, err) from None
+
+
+def _cannot_load(source: str, err: Exception) -> HfCompressError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (offline mode: it must be in the local Hub cache)" if offline else ""
+    return HfCompressError(f"cannot load model '{source}'{hint}: {first_line(err)}")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

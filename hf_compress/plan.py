@@ -153,22 +153,9 @@ def device_capacity(device: torch.device) -> int | None:
         return total
 
 
-def meta_model(source: str, trust_remote_code: bool = False):
+def meta_model(source: str):
     """The model `source` names on the meta device: every shape from its config, no weights read."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .checkpoint import empty_model
+    from .models import load_config
 
-    from .checkpoint import model_class_for
-    from .errors import HfCompressError
-    from .models import DEMO, demo_checkpoint, first_line
-
-    if source == DEMO:
-        source = str(demo_checkpoint())
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise HfCompressError(f"cannot read the config of '{source}': {first_line(err)}") from None
-    with init_empty_weights():
-        if getattr(config, "hf_compress", None):  # an earlier fold: our class rebuilds its layers
-            return model_class_for(config)._from_config(config)
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return empty_model(load_config(source))

@@ -1,16 +1,13 @@
 """The memory plan: from the config alone, monotone in what costs memory, and on the CLI."""
 
 import pytest
-from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM
-
 from conftest import CONFIGS, run_cli, tiny_model
+from hf_compress.checkpoint import empty_model
 from hf_compress.plan import meta_model, plan_memory
 
 
 def meta(arch="llama"):
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(CONFIGS[arch]())
+    return empty_model(CONFIGS[arch]())
 
 
 def stages(**settings):
@@ -62,4 +59,4 @@ def test_plan_and_dry_run_on_the_cli(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "compress", tmp_path / "model", "-o", tmp_path / "out", "--dry-run")
     assert code in (0, None) and "whitening + SVD" in err and not (tmp_path / "out").exists()
     code, _, err = run_cli(monkeypatch, capsys, "plan", tmp_path / "missing")
-    assert code == 1 and "cannot read the config" in err
+    assert code == 1 and "cannot load model" in err
