@@ -65,17 +65,15 @@ def compress(
     dry_run: bool = typer.Option(False, help="Print the memory plan of this run (config only, no weights) and stop."),
 ):
     """Run one ACIP pass; afterwards `materialize` builds any size from OUTPUT in about a second."""
-    from accelerate import PartialState
-
     from .acip import AcipConfig, acip
     from .acip.train import clear_progress
     from .data import calibration_data
     from .io import check_output
-    from .models import load_model, resolve_device, resolve_dtype
+    from .models import load_model, process_state, resolve_device, resolve_dtype
 
     if dry_run:
         return _print_plan(model, device, dtype, batch_size=batch_size, seq_len=seq_len,
-                           num_processes=PartialState().num_processes, whitening_windows=whitening_windows,
+                           num_processes=process_state().num_processes, whitening_windows=whitening_windows,
                            lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
     check_output(output, overwrite)
     _check_ratio(stop_ratio, allow_one=False)
@@ -97,7 +95,7 @@ def compress(
                             dataset_config=dataset_config, dataset_split=dataset_split)
     result = acip(net, data, config, tokenizer=tokenizer, progress_dir=progress)
     result.summary |= {"dataset": dataset, "seq_len": seq_len, "windows": len(data)}  # for the model card
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         result.save_pretrained(output, overwrite=overwrite)
         clear_progress(progress)
         s = result.summary

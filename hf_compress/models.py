@@ -84,9 +84,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", dev
     """
     source = str(source)
     if source == DEMO:
-        from accelerate import PartialState
-
-        with PartialState().main_process_first():  # one process converts, the others wait
+        with process_state().main_process_first():  # one process converts, the others wait
             model, tokenizer = load_model(demo_checkpoint(), dtype, device)
         model.config.name_or_path = DEMO  # recorded as the source: model cards know what it is
         return model, tokenizer
@@ -127,12 +125,20 @@ def _cannot_load(source: str, err: Exception) -> HfCompressError:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def process_state():
+    """Accelerate's process state, on the CPU when ACCELERATE_USE_CPU says so. PartialState does
+    not read that variable itself (Accelerator does): created first without it, it would see one
+    process where torchrun started several."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """`device` as given, or what Accelerate picks (the GPU when there is one)."""
     if device in (None, "auto"):
-        from accelerate import PartialState
-
-        return PartialState().device
+        return process_state().device
     try:
         return torch.device(device)
     except RuntimeError:

@@ -10,6 +10,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_compress as hfc
+from hf_compress.acip import train
 
 
 def tiny_model():
@@ -19,12 +20,27 @@ def tiny_model():
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def record_sharding(rows_held: list) -> None:
+    """Note, at each step, the share of U's rows this process holds (below 1 when FSDP shards)."""
+    real_step = train.mask_step
+
+    def step(layers, *args):
+        u = next(iter(layers.values())).u
+        local = u.to_local() if hasattr(u, "to_local") else u
+        rows_held.append(local.shape[0] / u.shape[0])
+        real_step(layers, *args)
+
+    train.mask_step = step
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    rows_held = []
+    record_sharding(rows_held)
     model = tiny_model()
     data = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
     result = hfc.acip(model, data, max_steps=12, stop_ratio=0.3, batch_size=4, lora_rank=2,
                       show_progress=False)
     if PartialState().is_main_process:
-        torch.save({name: f.score for name, f in result.layers.items()} | {"_summary": result.summary},
+        torch.save({name: f.score for name, f in result.layers.items()} | {"_summary": result.summary, "_rows_held": max(rows_held)},
                    sys.argv[1])

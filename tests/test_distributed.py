@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo, torchrun) rank singular values exactly as one process does."""
+"""Two CPU processes (gloo, torchrun), under DDP or FSDP, rank singular values as one process does."""
 
 import os
 import subprocess
@@ -10,8 +10,8 @@ import torch
 WORKER = Path(__file__).with_name("acip_worker.py")
 
 
-def run_worker(out: Path, processes: int) -> dict:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+def run_worker(out: Path, processes: int, **env) -> dict:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", **env)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_port", str(29500 + processes)] if processes > 1 else [sys.executable]
     subprocess.run([*launcher, str(WORKER), str(out)], check=True, env=env, capture_output=True)
@@ -22,9 +22,23 @@ def test_two_processes_give_the_single_process_score_map(tmp_path):
     single = run_worker(tmp_path / "one.pt", 1)
     double = run_worker(tmp_path / "two.pt", 2)
     assert single["_summary"]["num_processes"] == 1 and double["_summary"]["num_processes"] == 2
+    assert double.pop("_rows_held") == 1.0 and single.pop("_rows_held") == 1.0
     assert single["_summary"]["steps"] == double["_summary"]["steps"]
     for name, scores in single.items():
         if name != "_summary":
             # Same global batch and seed: gradients differ only by float reduction order.
             torch.testing.assert_close(double[name], scores, rtol=0, atol=1e-4)
             assert torch.equal(double[name] <= 0, scores <= 0)  # the same values died
+
+
+def test_fsdp_gives_the_single_process_score_map(tmp_path):
+    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP: blocks sharded with FSDP2, masks whole."""
+    single = run_worker(tmp_path / "one.pt", 1)
+    sharded = run_worker(tmp_path / "fsdp.pt", 2, ACCELERATE_USE_FSDP="true")
+    assert sharded["_summary"]["fsdp"] and not single["_summary"]["fsdp"]
+    assert sharded.pop("_rows_held") == 0.5 and single.pop("_rows_held") == 1.0  # U really was sharded
+    assert single["_summary"]["steps"] == sharded["_summary"]["steps"]
+    for name, scores in single.items():
+        if name != "_summary":
+            torch.testing.assert_close(sharded[name], scores, rtol=0, atol=1e-4)
+            assert torch.equal(sharded[name] <= 0, scores <= 0)

@@ -1,6 +1,7 @@
 """End to end on the bundled demo model (SmolLM2-135M) with the builtin corpus, via the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -51,6 +52,20 @@ def test_materialize_reload_in_fresh_process_and_generate(compressible, tmp_path
     done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                           cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.stdout.strip()
+
+
+def test_fsdp_pass_in_two_processes_then_materialize_from_disk(tmp_path):
+    """What a user without a GPU runs for FSDP; the sharded pass's output is an ordinary one."""
+    out = tmp_path / "acip"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", ACCELERATE_USE_FSDP="true", OMP_NUM_THREADS="1")
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29511, "-m", "hf_compress",
+            "compress", "demo", "--output", out, "--max-steps", 3, "--seq-len", 32, "--batch-size", 2,
+            "--whitening-windows", 4]
+    subprocess.run([sys.executable, *map(str, args)], check=True, capture_output=True, env=env)
+    summary = json.loads((out / "acip.json").read_text())["summary"]
+    assert summary["fsdp"] and summary["num_processes"] == 2
+    cli("materialize", out, "--size-ratio", 0.6, "--output", tmp_path / "m")
+    assert json.loads(cli("info", tmp_path / "m", "--json").stdout)["size_ratio"] <= 0.6
 
 
 def test_eval_sweep_with_the_builtin_lm_eval_task(compressible, tmp_path):

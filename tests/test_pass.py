@@ -85,7 +85,7 @@ def test_bad_settings_are_errors(kwargs):
 
 
 def test_interrupted_pass_resumes_where_it_stopped(tmp_path, monkeypatch):
-    settings = dict(max_steps=10, stop_ratio=0.2, batch_size=4, save_every=3, show_progress=False)
+    settings = dict(max_steps=10, stop_ratio=0.2, batch_size=4, save_every=3, lora_rank=2, show_progress=False)
     uninterrupted = acip(tiny_model(), tiny_data(), **settings)
 
     real_step, calls = train.mask_step, []

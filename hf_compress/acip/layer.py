@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..models import LayerShape, dense_weight, layer_shape
 
@@ -31,7 +32,23 @@ def svd_factors(weight: torch.Tensor, cholesky: torch.Tensor | None = None):
     return u, s, vt
 
 
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter FSDP may have sharded (a collective: every process calls it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's rows of a parameter FSDP may have sharded (all of it otherwise)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 class SVDLinear(nn.Module):
+    """U and V are frozen parameters (out x r and in x r) so that FSDP shards them by rows: every
+    process holds all singular values of its rows, and dropping dead values stays local. They
+    store alive values first, so the matmuls use column views, not copies; `stored[p]` is the
+    value held in column p. Resumable state is masks, scores and LoRA alone (the factors are
+    recomputed deterministically)."""
+
     def __init__(
         self,
         base: nn.Module,
@@ -45,12 +62,10 @@ class SVDLinear(nn.Module):
         weight = dense_weight(base).detach()
         u, s, vt = svd_factors(weight, cholesky)
         dtype = weight.dtype
-        # Frozen factors are plain tensors, not buffers: DDP need not sync them, and resumable
-        # state is masks, scores and LoRA alone (the factors are recomputed deterministically).
-        # U's columns and Vt's rows are stored alive values first, so the matmuls use views of
-        # them, not copies; `stored[p]` is the value held at position p.
-        self.u, self.s, self.vt = u.to(dtype), s, vt.to(dtype)
-        self.stored = torch.arange(len(s), device=s.device)
+        self.u = nn.Parameter(u.to(dtype).contiguous(), requires_grad=False)
+        self.v = nn.Parameter(vt.t().to(dtype).contiguous(), requires_grad=False)
+        self.register_buffer("s", s)
+        self.register_buffer("stored", torch.arange(len(s), device=s.device))
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
         self.mask = nn.Parameter(torch.full_like(s, mask_init))
         self.register_buffer("alive", torch.ones_like(s, dtype=torch.bool))
@@ -68,16 +83,19 @@ class SVDLinear(nn.Module):
     def rank(self) -> int:
         return int(self.alive.sum())
 
+    @torch.no_grad()
     def compact(self) -> None:
         """Drop dead singular values from the computation (after `alive` shrank): move the alive
-        ones, in value order, to the front of the stored factors (one layer's copy at a time)."""
+        ones, in value order, to the front of the stored columns (one layer's copy at a time)."""
         self._index = self.alive.nonzero().squeeze(1)
         n = len(self._index)
         if not torch.equal(self.stored[:n], self._index):
             order = torch.cat([self._index, (~self.alive).nonzero().squeeze(1)])
             take = self._positions(order)
-            self.u, self.vt, self.stored = self.u[:, take], self.vt[take], order
-        self._u, self._vt, self._s = self.u[:, :n], self.vt[:n], self.s[self._index]
+            for factor in (local(self.u), local(self.v)):
+                factor.copy_(factor[:, take])
+            self.stored.copy_(order)
+        self._s = self.s[self._index]
 
     def _positions(self, values: torch.Tensor) -> torch.Tensor:
         where = torch.empty_like(self.stored)
@@ -87,19 +105,19 @@ class SVDLinear(nn.Module):
     def factors(self, values: torch.Tensor):
         """(U columns, singular values, Vt rows) of the given values, in that order."""
         take = self._positions(values)
-        return self.u[:, take], self.s[values], self.vt[take]
+        return full(self.u)[:, take], self.s[values], full(self.v)[:, take].t()
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self.u, self.s, self.vt, self.stored = fn(self.u), fn(self.s), fn(self.vt), fn(self.stored)
-        self.compact()
+        self.compact()  # the cached index follows the buffers to their device
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(self._index)
         mask = self.mask[self._index]
         gate = 1.0 + (mask - mask.detach())  # value 1, gradient passes straight to the mask
-        h = F.linear(x, self._vt) * (self._s * gate).to(x.dtype)
-        y = F.linear(h, self._u, self.bias)
+        h = (x @ self.v[:, :n]) * (self._s * gate).to(x.dtype)
+        y = F.linear(h, self.u[:, :n], self.bias)
         if self.lora_a is not None:
             y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
         return y

@@ -16,6 +16,7 @@ the demo model one such step took the loss from 3.1 to 9.7 (see docs/BENCHMARKS.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import shutil
@@ -24,8 +25,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
+from accelerate.utils import parse_flag_from_env
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -35,7 +40,7 @@ from ..errors import HfCompressError
 from ..models import decoder_blocks, expert_params, find_targets, require_dense
 from .compressible import CompressibleModel, LayerFactors
 from .config import AcipConfig
-from .layer import SVDLinear
+from .layer import SVDLinear, full
 from .whitening import block_covariances, cholesky
 
 PROGRESS_FILE = "progress.pt"
@@ -45,12 +50,9 @@ def inject(model: nn.Module, config: AcipConfig, names,
            cholesky: torch.Tensor | None = None) -> dict[str, SVDLinear]:
     """Replace the targets `names` in place by SVDLinears (whitened by `cholesky`, the factor of
     their shared input covariance, if given); return them by name."""
-    layers = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layers[name] = SVDLinear(getattr(parent, child), cholesky, config.mask_init, config.lora_rank, config.lora_alpha)
-        setattr(parent, child, layers[name])
+    layers = {name: SVDLinear(model.get_submodule(name), cholesky, config.mask_init, config.lora_rank,
+                              config.lora_alpha) for name in names}
+    put_back(model, layers)
     return layers
 
 
@@ -77,17 +79,21 @@ def shuffled(data: torch.Tensor, seed: int) -> torch.Tensor:
     return data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))]
 
 
-def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progress: bool = True) -> tuple[dict, dict]:
-    """Put `model` on `device` in SVD form (whitened on the first windows of `data` if asked,
-    one block at a time). Returns the SVDLinear layers and the original modules by name, the
-    originals moved to CPU as soon as they are replaced (kept only to be put back afterwards)."""
-    model.requires_grad_(False).to(device)
+def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progress: bool = True,
+             offload: bool = False) -> tuple[dict, dict]:
+    """Put `model` in SVD form (whitened on the first windows of `data` if asked, one block at a
+    time) on `device`, or with `offload` everything but its decoder blocks, which wait on the CPU
+    and visit `device` one at a time. Returns the SVDLinear layers and the original modules by
+    name, the originals moved to CPU as soon as they are replaced (kept for the dense base)."""
+    model.requires_grad_(False)
+    with _without_blocks(model) if offload else contextlib.nullcontext():
+        model.to(device)
     originals = find_targets(model, config.include, config.exclude)
     layers = {}
     if config.basis == "whitened":
         windows = data[: config.whitening_windows].to(device)
         for names, covariance in block_covariances(model, originals, list(windows.split(config.batch_size)),
-                                                   show_progress):
+                                                   show_progress, offload):
             factor = cholesky(covariance)
             del covariance
             layers |= inject(model, config, names, factor)
@@ -104,6 +110,19 @@ def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progres
     return {name: layers[name] for name in originals}, originals
 
 
+@contextlib.contextmanager
+def _without_blocks(model: nn.Module):
+    """The model with its decoder blocks taken out for a moment (to move the rest elsewhere)."""
+    prefix, blocks = decoder_blocks(model)
+    holder, _, attribute = prefix.rpartition(".")
+    holder = model.get_submodule(holder)
+    setattr(holder, attribute, nn.ModuleList())
+    try:
+        yield
+    finally:
+        setattr(holder, attribute, blocks)
+
+
 def svd_compressible(model, data: torch.Tensor, config: AcipConfig | None = None, **overrides) -> CompressibleModel:
     """The closed-form baseline: no pass, every value scored by its singular value (plain or
     whitened basis, as in SVD-LLM). Materialize it with explicit `ranks` for a per-layer
@@ -112,16 +131,18 @@ def svd_compressible(model, data: torch.Tensor, config: AcipConfig | None = None
     layers, originals = svd_form(model, shuffled(data, config.seed), config, Accelerator().device)
     for layer in layers.values():
         layer.score.copy_(layer.s)
+    put_back(model, originals)
     summary = {"method": f"{config.basis} SVD", "steps": 0}
-    return _to_compressible(model, layers, originals, config, summary, tokenizer=None)
+    return _to_compressible(model, layers, config, summary, tokenizer=None)
 
 
 def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokenizer=None,
-         progress_dir: str | Path | None = None, show_progress: bool = True,
+         progress_dir: str | Path | None = None, show_progress: bool = True, fsdp: bool | None = None,
          **overrides) -> CompressibleModel:
     """Run one ACIP pass on `model` with calibration windows `data` (n x seq_len).
 
-    Runs on whatever Accelerate is configured for (CPU, one GPU, DDP). With `progress_dir`,
+    Runs on whatever Accelerate is configured for: CPU, one GPU, DDP, or FSDP for models that do
+    not fit one device (`fsdp=None` follows `accelerate launch --use_fsdp`). With `progress_dir`,
     a resumable checkpoint is written every `config.save_every` steps and picked up on restart.
     The model is restored to its dense self and wrapped, with the score map, in the result.
     """
@@ -130,6 +151,8 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
                   "compressible directory")
     torch.manual_seed(config.seed)
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
+    _check_launch(accelerator)
+    fsdp = fsdp_requested(accelerator) if fsdp is None else fsdp
     if config.batch_size % accelerator.num_processes:
         raise HfCompressError(
             f"batch size {config.batch_size} must be a multiple of the {accelerator.num_processes} processes"
@@ -153,23 +176,35 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             f"the experts' weights ({experts / total:.0%} of the model's parameters, stored as 3-D tensors) are not "
             "compressed yet: the size ratios of this pass count the other layers only"
         )
-    layers, originals = svd_form(model, data, config, accelerator.device, show_progress)
+    layers, originals = svd_form(model, data, config, accelerator.device, show_progress, offload=fsdp)
+    # The pass trains a second module tree over the same tensors, so that `model` is its dense
+    # self again at once and stays a plain transformers model whatever DDP or FSDP do to the other.
+    trained = training_copy(model)
+    layers = {name: trained.get_submodule(name) for name in layers}
+    put_back(model, originals)
     stages.done("whitening_svd")
 
+    progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
+    saved = _load_progress(progress, config) if progress is not None and progress.is_file() else None
+    if saved is not None:
+        _restore_layers(layers, saved["layers"])
+    wrapped = shard(trained, layers) if fsdp else accelerator.prepare(trained)
+    for layer in layers.values():
+        layer.compact()  # the cached indices follow the masks to wherever wrapping put them
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
-    optimizers = [torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0)] if loras else []
-    loader = DataLoader(TensorDataset(data), batch_size=config.batch_size, drop_last=True)
-
+    optimizer = torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0) if loras else None
     state = {"step": 0, "lam": config.lambda_init, "history": [],
              "start_soft_ratio": soft_ratio(layers, config.mask_init)}
-    progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
-    if progress is not None and progress.is_file():
-        state = _resume(progress, config, layers, optimizers)
-    wrapped, loader, *optimizers = accelerator.prepare(model, loader, *optimizers)
-    for layer in layers.values():
-        layer.compact()
+    if saved is not None:
+        state = saved["state"]
+        if optimizer is not None:
+            set_optimizer_state_dict(trained, optimizer, saved["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        if accelerator.is_main_process:
+            print(f"resuming the pass at step {state['step']} from {progress}")
+    loader = accelerator.prepare(DataLoader(TensorDataset(data), batch_size=config.batch_size, drop_last=True))
 
-    with checkpointed_blocks(model, config.gradient_checkpointing):
+    with checkpointed_blocks(trained, config.gradient_checkpointing):
         ratio = size_ratio(layers)
         bar = tqdm(total=config.max_steps, initial=state["step"], desc="ACIP",
                    disable=not show_progress)
@@ -180,8 +215,10 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             started = time.perf_counter()
             loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss  # no cache to refill on recompute
             accelerator.backward(loss)
+            if fsdp:
+                average_mask_grads(layers, accelerator)
             mask_step(layers, state["lam"], config.learning_rate, config.mask_init)
-            for optimizer in optimizers:
+            if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for layer in layers.values():
@@ -200,7 +237,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             bar.set_postfix(ratio=f"{ratio:.3f}", target=f"{target:.3f}", lam=f"{state['lam']:.2e}",
                             loss=f"{loss_value:.3f}")
             if progress is not None and state["step"] % config.save_every == 0:
-                _save_progress(accelerator, progress, config, layers, optimizers, state)
+                _save_progress(accelerator, progress, config, trained, layers, optimizer, state)
         bar.close()
     stages.done("pass")
 
@@ -213,12 +250,62 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
         )
     summary = {"steps": state["step"], "final_ratio": ratio, "reached_stop_ratio": reached,
                **({"uncompressed_expert_params": experts} if experts else {}),
-               "num_processes": accelerator.num_processes, "history": state["history"]}
-    result = _to_compressible(accelerator.unwrap_model(wrapped), layers, originals, config, summary, tokenizer)
+               "num_processes": accelerator.num_processes, "fsdp": fsdp, "history": state["history"]}
+    result = _to_compressible(model, layers, config, summary, tokenizer)
     stages.done("finish")
     result.summary["stages"] = stages.report()
     accelerator.wait_for_everyone()
     return result
+
+
+def fsdp_requested(accelerator: Accelerator) -> bool:
+    """Whether Accelerate was asked for FSDP (`accelerate launch --use_fsdp`, `accelerate config`).
+    Accelerate itself shards on GPUs only; the pass shards on any device, CPU processes included."""
+    return accelerator.num_processes > 1 and (accelerator.distributed_type == DistributedType.FSDP
+                                              or parse_flag_from_env("ACCELERATE_USE_FSDP"))
+
+
+def _check_launch(accelerator: Accelerator) -> None:
+    """`accelerate launch` without a GPU (e.g. with --use_fsdp) starts processes that each believe
+    they are alone and would each write the output."""
+    launched = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if launched != accelerator.num_processes:
+        raise HfCompressError(
+            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}; without a GPU, "
+            f"launch with ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} (add ACCELERATE_USE_FSDP=true for FSDP)"
+        )
+
+
+def training_copy(model: nn.Module) -> nn.Module:
+    """A second module tree over the same tensors (new Parameter objects on the same storage), for
+    DDP or FSDP to wrap and reshape while `model` itself stays untouched."""
+    memo = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()}
+    memo |= {id(b): b.detach() for b in model.buffers()}
+    return copy.deepcopy(model, memo)
+
+
+def shard(model: nn.Module, layers: dict[str, SVDLinear]) -> nn.Module:
+    """FSDP2: each decoder block is one unit, the rest (embeddings, final norm, head) the root's.
+    U, V, LoRA and the frozen weights are sharded by rows; the masks stay whole in every process
+    (`average_mask_grads` averages their gradients), so every step ranks every value."""
+    masks = {layer.mask for layer in layers.values()}
+    for block in decoder_blocks(model)[1]:
+        fully_shard(block, ignored_params=masks)
+    fully_shard(model, ignored_params=masks)
+    return model
+
+
+@torch.no_grad()
+def average_mask_grads(layers: dict[str, SVDLinear], accelerator: Accelerator) -> None:
+    """Average the masks' gradients over the processes, as DDP does for its parameters; a mask that
+    no process's tokens reached keeps no gradient."""
+    masks = [layer.mask for layer in layers.values()]
+    reached = torch.tensor([float(m.grad is not None) for m in masks], device=masks[0].device)
+    flat = torch.cat([m.grad if m.grad is not None else torch.zeros_like(m) for m in masks] + [reached])
+    flat = accelerator.reduce(flat, "mean")
+    *grads, reached = flat.split([len(m) for m in masks] + [len(masks)])
+    for mask, grad, seen in zip(masks, grads, reached):
+        mask.grad = grad.clone() if seen > 0 else None
 
 
 class StageMeter:
@@ -284,56 +371,61 @@ def _cycle(accelerator, loader, start_step: int):
 
 def _layer_state(layers: dict[str, SVDLinear]) -> dict:
     keys = ("mask", "alive", "score", "lora_a", "lora_b")
-    return {name: {k: getattr(layer, k).detach().cpu() for k in keys if getattr(layer, k) is not None}
+    return {name: {k: full(getattr(layer, k)).detach().cpu() for k in keys if getattr(layer, k) is not None}
             for name, layer in layers.items()}
 
 
-def _save_progress(accelerator, path: Path, config, layers, optimizers, state) -> None:
+def _save_progress(accelerator, path: Path, config, model, layers, optimizer, state) -> None:
+    """Every process takes part (sharded LoRA and optimizer states are gathered); the main one writes."""
+    payload = {"config": config.to_dict(), "state": state, "layers": _layer_state(layers),
+               "optimizer": None if optimizer is None else get_optimizer_state_dict(
+                   model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))}
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"config": config.to_dict(), "state": state, "layers": _layer_state(layers),
-                   "optimizers": [o.state_dict() for o in optimizers]}
         tmp = path.with_suffix(".tmp")
         torch.save(payload, tmp)
         tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
     accelerator.wait_for_everyone()
 
 
-@torch.no_grad()
-def _resume(path: Path, config: AcipConfig, layers, optimizers) -> dict:
+def _load_progress(path: Path, config: AcipConfig) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if payload["config"] != config.to_dict():
         raise HfCompressError(
             f"{path.parent} holds a pass with other settings; pass --overwrite to start afresh"
         )
-    for name, saved in payload["layers"].items():
-        for key, value in saved.items():
-            getattr(layers[name], key).copy_(value)
-        layers[name].compact()
-    for optimizer, saved in zip(optimizers, payload["optimizers"]):
-        optimizer.load_state_dict(saved)
-    print(f"resuming the pass at step {payload['state']['step']} from {path}")
-    return payload["state"]
+    return payload
 
 
 @torch.no_grad()
-def _to_compressible(model, layers, originals, config, summary, tokenizer) -> CompressibleModel:
-    """Sort each layer's values best-first, keep those that can matter (beyond the dense cap a
-    layer is stored dense), and put the original dense layers back into the model."""
+def _restore_layers(layers: dict[str, SVDLinear], saved: dict) -> None:
+    for name, tensors in saved.items():
+        for key, value in tensors.items():
+            getattr(layers[name], key).copy_(value)
+        layers[name].compact()
+
+
+def put_back(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Set each named module into `model` in place of what is there."""
+    for name, module in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
+
+
+@torch.no_grad()
+def _to_compressible(model, layers, config, summary, tokenizer) -> CompressibleModel:
+    """Sort each layer's values best-first and keep those that can matter (beyond the dense cap a
+    layer is stored dense). Every process takes part (sharded factors are gathered)."""
     factors = {}
     for name, layer in layers.items():
         shape = layer.shape
         cap = math.ceil(shape.in_features * shape.out_features / (shape.in_features + shape.out_features))
         order = torch.sort(layer.s, descending=True, stable=True).indices
         order = order[torch.sort(layer.score[order], descending=True, stable=True).indices][:cap]
-        lora_b = None if layer.lora_b is None else layer.lora_b * layer.lora_scale
-        factors[name] = LayerFactors(
-            shape, *(t.cpu() for t in layer.factors(order)), layer.score[order].cpu(),
-            None if layer.lora_a is None else layer.lora_a.detach().cpu(),
-            None if lora_b is None else lora_b.detach().cpu(),
-        )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, originals[name])
+        lora_a = None if layer.lora_a is None else full(layer.lora_a).detach().cpu()
+        lora_b = None if layer.lora_b is None else (full(layer.lora_b) * layer.lora_scale).detach().cpu()
+        factors[name] = LayerFactors(shape, *(t.cpu() for t in layer.factors(order)), layer.score[order].cpu(),
+                                     lora_a, lora_b)
     summary = {**summary, "source": source_of(model), **source_sizes(model)}
     return CompressibleModel(model.cpu(), factors, config, summary, tokenizer)
 

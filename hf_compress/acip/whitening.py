@@ -10,6 +10,7 @@ block's covariances exist at a time, and each is freed as soon as the caller has
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
 
@@ -33,10 +34,15 @@ def _block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class _Recorded(Exception):
+    """Raised at the last block: its call is recorded and nothing after it needs to run."""
+
+
 @torch.no_grad()
 def _record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]):
     """First block's hidden states per batch, and every block's other arguments per batch (the
-    attention masks and position embeddings can differ between blocks, e.g. sliding windows)."""
+    attention masks and position embeddings can differ between blocks, e.g. sliding windows).
+    The blocks do not run (each passes its input on), so they may wait on the CPU meanwhile."""
     first_hidden, calls = [], [[] for _ in blocks]
 
     def recorder(index):
@@ -45,15 +51,25 @@ def _record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[t
             calls[index].append((rest_args, rest_kwargs))
             if index == 0:
                 first_hidden.append(hidden)
+            if index == len(blocks) - 1:
+                raise _Recorded
         return record
 
+    def pass_on(hidden_states, *args, **kwargs):
+        return hidden_states
+
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    for block in blocks:
+        block.forward = pass_on
     try:
         for batch in batches:
-            model(input_ids=batch, use_cache=False)
+            with contextlib.suppress(_Recorded):
+                model(input_ids=batch, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
+        for block in blocks:
+            del block.forward
     return first_hidden, calls
 
 
@@ -102,18 +118,22 @@ def warn_if_few_tokens(targets: dict[str, nn.Module], tokens: int) -> None:
 
 @torch.no_grad()
 def block_covariances(model: nn.Module, targets: dict[str, nn.Module], batches: list[torch.Tensor],
-                      show_progress: bool = True) -> Iterator[tuple[list[str], torch.Tensor]]:
+                      show_progress: bool = True, offload: bool = False) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Yield (names of targets sharing one input, that input's fp32 covariance), block by block.
 
     A block's outputs are computed with its original layers before the caller sees its
     covariances, so the caller may replace those layers as soon as they are yielded. Targets no
-    batch reached (an expert no token was routed to) are not yielded."""
+    batch reached (an expert no token was routed to) are not yielded. With `offload`, the blocks
+    wait on the CPU and each visits the batches' device only while it is processed (for models
+    that do not fit one device)."""
     prefix, blocks = decoder_blocks(model)
     warn_if_few_tokens(targets, sum(batch.numel() for batch in batches))
     hidden, calls = _record_block_calls(model, blocks, batches)
     for index, block in enumerate(tqdm(blocks, desc="input covariances, block by block", leave=False,
                                        disable=not show_progress)):
         inside = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{index}.")}
+        if offload:
+            block.to(batches[0].device)
         sums = _SharedInputs(inside)
         try:
             for b, (args, kwargs) in enumerate(calls[index]):
@@ -124,6 +144,8 @@ def block_covariances(model: nn.Module, targets: dict[str, nn.Module], batches: 
         calls[index] = None  # this block's masks and position embeddings are no longer needed
         for key in list(sums.sums):
             yield sums.groups[key], sums.sums.pop(key)
+        if offload:
+            block.to("cpu")
 
 
 def cholesky(covariance: torch.Tensor) -> torch.Tensor:
