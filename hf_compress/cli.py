@@ -66,14 +66,15 @@ def compress(
 ):
     """Run one ACIP pass; afterwards `materialize` builds any size from OUTPUT in about a second."""
     from .acip import AcipConfig, acip
-    from .acip.train import clear_progress
+    from .acip.train import clear_progress, fsdp_requested
     from .data import calibration_data
     from .io import check_output
     from .models import load_model, process_state, resolve_device, resolve_dtype
 
     if dry_run:
         return _print_plan(model, device, dtype, batch_size=batch_size, seq_len=seq_len,
-                           num_processes=process_state().num_processes, whitening_windows=whitening_windows,
+                           num_processes=process_state().num_processes, fsdp=fsdp_requested(process_state()),
+                           whitening_windows=whitening_windows,
                            lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
     check_output(output, overwrite)
     _check_ratio(stop_ratio, allow_one=False)
@@ -111,7 +112,9 @@ def plan_command(
     model: str = typer.Argument(..., help=MODEL_HELP.replace(", .gguf file", "")),
     batch_size: int = typer.Option(4, help="Windows per step (global, across processes)."),
     seq_len: int = typer.Option(256, help="Tokens per calibration window."),
-    num_processes: int = typer.Option(1, help="Processes (GPUs) the pass runs on, data parallel."),
+    num_processes: int = typer.Option(1, help="Processes (GPUs) the pass runs on."),
+    fsdp: bool = typer.Option(False, help="Plan the pass sharded over the processes (FSDP) instead of data "
+                              "parallel (DDP)."),
     whitening_windows: int = typer.Option(16, help="Calibration windows whose inputs whiten the SVD."),
     lora_rank: int = typer.Option(0, help="Rank of LoRA adapters trained with the masks."),
     gradient_checkpointing: bool = typer.Option(True, help="Plan with gradient checkpointing (compress's default)."),
@@ -125,7 +128,7 @@ def plan_command(
     from .models import parse_size
 
     _print_plan(model, device, dtype, memory=parse_size(memory) if memory else None, batch_size=batch_size,
-                seq_len=seq_len, num_processes=num_processes, whitening_windows=whitening_windows,
+                seq_len=seq_len, num_processes=num_processes, fsdp=fsdp, whitening_windows=whitening_windows,
                 lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
 
 
@@ -147,7 +150,7 @@ def _print_plan(model: str, device: str | None, dtype: str | None, memory: int |
     plan = plan_memory(net, dtype_bytes=chosen.itemsize, on_gpu=target.type == "cuda",
                        capacity_bytes=memory or device_capacity(target), **settings)
     table = Table(title=f"memory plan of compress: {model}, {str(chosen).removeprefix('torch.')}, "
-                        f"{settings['num_processes']} process(es), batch {settings['batch_size']} x {settings['seq_len']}")
+                        f"{settings['num_processes']} process(es){' FSDP' if settings['fsdp'] else ''}, batch {settings['batch_size']} x {settings['seq_len']}")
     table.add_column("stage")
     table.add_column(f"{target.type} per process", justify="right")
     table.add_column("host per process", justify="right")

@@ -86,9 +86,11 @@ def _rank(shape: LayerShape) -> int:
 
 def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: int = 4,
                 num_processes: int = 1, whitening_windows: int = 16, lora_rank: int = 0,
-                gradient_checkpointing: bool = True, on_gpu: bool = False,
+                gradient_checkpointing: bool = True, on_gpu: bool = False, fsdp: bool = False,
                 capacity_bytes: int | None = None) -> MemoryPlan:
-    """Predicted peak bytes of each stage of compress on `model` (typically on the meta device)."""
+    """Predicted peak bytes of each stage of compress on `model` (typically on the meta device).
+    With `fsdp` the pass's weights and factors are split over the processes, plus one block
+    gathered whole at a time, and the whitening keeps the decoder blocks in host memory."""
     b = dtype_bytes
     per_block = _targets_by_block(model)
     shapes = [shape for block in per_block for _, shape in block]
@@ -101,10 +103,12 @@ def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: 
     def factor_bytes(shape: LayerShape) -> int:
         r = _rank(shape)
         lora = lora_rank * (shape.in_features + shape.out_features) * (2 * b + 8)  # weights, grads, Adam
-        return r * (shape.in_features + shape.out_features) * b + r * PER_VALUE_BYTES + lora + (
-            shape.out_features * b if shape.bias else 0)
+        return r * (shape.in_features + shape.out_features) * b + lora + (shape.out_features * b if shape.bias else 0)
 
     factors = sum(factor_bytes(s) for s in shapes)
+    values = sum(_rank(s) for s in shapes) * PER_VALUE_BYTES  # masks and scores: whole in every process
+    block_factors = max(sum(factor_bytes(s) for _, s in block) for block in per_block)
+    block_weights = max(sum(s.dense_params for _, s in block) for block in per_block) * b
     biggest = max(shapes, key=lambda s: s.in_features * s.out_features)
 
     # Whitening and SVD: at the last block every earlier block is factorized.
@@ -116,7 +120,12 @@ def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: 
     block_inputs = whitening_windows * seq_len * hidden * b
     whitening_batch = min(batch_size, whitening_windows) * seq_len
     forward = whitening_batch * max(s.out_features for s in shapes) * 4 * b  # a block's transient activations
-    resident = weights + factors if not on_gpu else other + factors + biggest.dense_params * b
+    if not on_gpu:
+        resident, whitening_host = weights + factors + values, 0
+    elif fsdp:  # the blocks wait in host memory and visit the device one at a time
+        resident, whitening_host = other + block_weights + block_factors, weights + factors + values
+    else:
+        resident, whitening_host = other + factors + values + biggest.dense_params * b, weights - other
     whitening = resident + block_inputs + covariances + max(cholesky + svd, forward)
 
     # The pass, per process.
@@ -126,14 +135,20 @@ def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: 
                    else len(per_block) * one_block)
     loss = tokens * vocab * (b + 8 + (4 if b < 4 else 0))  # logits, fp32 copy, log-softmax, its gradient
     compact = max(factor_bytes(s) for s in shapes)  # one layer re-stored when its values die
-    pass_device = (other + factors if on_gpu else weights + factors) + activations + loss + compact
-    pass_host = weights - other if on_gpu else pass_device  # the parked originals
+    if fsdp:
+        trained = (other + factors + compact) // num_processes + block_factors + values
+    else:
+        trained = other + factors + compact + values
+    # The dense base waits in host memory (on CPU without FSDP it shares what is not factorized).
+    base = weights if on_gpu or fsdp else weights - other
+    pass_device = trained + activations + loss + (0 if on_gpu else base)
+    pass_host = base if on_gpu else pass_device
 
     # Materialization on the host: base, stored factors (cut at the dense cap), the built copy.
     stored = sum(min(_rank(s), math.ceil(s.in_features * s.out_features / (s.in_features + s.out_features)))
                  * (s.in_features + s.out_features) * b for s in shapes)
     materialize = 2 * weights + stored
-    stages = [Stage("whitening + SVD", whitening, whitening if not on_gpu else weights - other),
+    stages = [Stage("whitening + SVD", whitening, whitening_host or whitening),
               Stage("pass", pass_device, pass_host),
               Stage("materialize", materialize, materialize)]
     return MemoryPlan(stages, capacity_bytes)

@@ -38,6 +38,14 @@ def test_on_a_gpu_the_originals_wait_on_the_host():
     assert stages(dtype_bytes=2, on_gpu=True)["pass"].device_bytes < gpu["pass"].device_bytes
 
 
+def test_fsdp_splits_the_pass_over_the_processes_and_keeps_blocks_on_the_host():
+    ddp, fsdp = stages(on_gpu=True, num_processes=4), stages(on_gpu=True, num_processes=4, fsdp=True)
+    assert fsdp["pass"].device_bytes < ddp["pass"].device_bytes
+    assert stages(on_gpu=True, num_processes=8, fsdp=True)["pass"].device_bytes < fsdp["pass"].device_bytes
+    assert fsdp["whitening + SVD"].device_bytes < ddp["whitening + SVD"].device_bytes  # one block visits at a time
+    assert fsdp["whitening + SVD"].host_bytes > ddp["whitening + SVD"].host_bytes
+
+
 def test_fits_against_capacity():
     model = meta()
     assert plan_memory(model, capacity_bytes=2**40).fits
@@ -56,6 +64,8 @@ def test_plan_and_dry_run_on_the_cli(monkeypatch, capsys, tmp_path):
     assert code in (0, None) and "pass" in err and "fits" in err
     code, _, err = run_cli(monkeypatch, capsys, "plan", tmp_path / "model", "--device", "cuda", "--memory", "1KB")
     assert code in (0, None) and "does not fit" in err
+    code, _, err = run_cli(monkeypatch, capsys, "plan", tmp_path / "model", "--num-processes", 2, "--fsdp")
+    assert code in (0, None) and "2 process(es) FSDP" in err
     code, _, err = run_cli(monkeypatch, capsys, "compress", tmp_path / "model", "-o", tmp_path / "out", "--dry-run")
     assert code in (0, None) and "whitening + SVD" in err and not (tmp_path / "out").exists()
     code, _, err = run_cli(monkeypatch, capsys, "plan", tmp_path / "missing")

@@ -182,6 +182,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     trained = training_copy(model)
     layers = {name: trained.get_submodule(name) for name in layers}
     put_back(model, originals)
+    model.cpu()  # the dense base waits in host memory; the trained copy keeps its own device tensors
     stages.done("whitening_svd")
 
     progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
@@ -258,11 +259,12 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     return result
 
 
-def fsdp_requested(accelerator: Accelerator) -> bool:
-    """Whether Accelerate was asked for FSDP (`accelerate launch --use_fsdp`, `accelerate config`).
-    Accelerate itself shards on GPUs only; the pass shards on any device, CPU processes included."""
-    return accelerator.num_processes > 1 and (accelerator.distributed_type == DistributedType.FSDP
-                                              or parse_flag_from_env("ACCELERATE_USE_FSDP"))
+def fsdp_requested(state) -> bool:
+    """Whether Accelerate (its `Accelerator` or `PartialState`) was asked for FSDP: `accelerate
+    launch --use_fsdp` or `accelerate config`. Accelerate itself shards on GPUs only; the pass
+    shards on any device, CPU processes included."""
+    return state.num_processes > 1 and (state.distributed_type == DistributedType.FSDP
+                                        or parse_flag_from_env("ACCELERATE_USE_FSDP"))
 
 
 def _check_launch(accelerator: Accelerator) -> None:
