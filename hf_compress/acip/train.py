@@ -191,7 +191,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
         _restore_layers(layers, saved["layers"])
     wrapped = shard(trained, layers) if fsdp else accelerator.prepare(trained)
     for layer in layers.values():
-        layer.compact()  # the cached indices follow the masks to wherever wrapping put them
+        layer.compact()  # after a restore, and so the cached indices follow wherever wrapping put the masks
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
     optimizer = torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0) if loras else None
     state = {"step": 0, "lam": config.lambda_init, "history": [],
@@ -392,7 +392,7 @@ def _save_progress(accelerator, path: Path, config, model, layers, optimizer, st
 
 def _load_progress(path: Path, config: AcipConfig) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload["config"] != config.to_dict():
+    if payload["config"] != config.to_dict() or "optimizer" not in payload:  # other settings, or an older format
         raise HfCompressError(
             f"{path.parent} holds a pass with other settings; pass --overwrite to start afresh"
         )
@@ -404,7 +404,6 @@ def _restore_layers(layers: dict[str, SVDLinear], saved: dict) -> None:
     for name, tensors in saved.items():
         for key, value in tensors.items():
             getattr(layers[name], key).copy_(value)
-        layers[name].compact()
 
 
 def put_back(model: nn.Module, modules: dict[str, nn.Module]) -> None:
