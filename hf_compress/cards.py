@@ -139,16 +139,22 @@ def _method_text(info: dict, quantization: dict | None) -> str:
     return " then ".join(filter(None, [method, quantized])) or "hf-compress"
 
 
-def _checkpoint_facts(path: Path) -> tuple[int, dict | None]:
+def _checkpoint_facts(path: Path) -> tuple[int | None, dict | None]:
     """Parameters of the checkpoint's model (quantized weights counted unpacked), built on the meta
-    device from its config, and its quantization."""
-    from transformers import AutoConfig
+    device from its config, and its quantization. A model that runs its own code is not run to
+    describe it: its parameters are left out."""
+    from transformers import AutoConfig, PretrainedConfig
 
     from .checkpoint import empty_model
     from .quantize import quantization_of
 
-    config = AutoConfig.from_pretrained(path)
-    return sum(p.numel() for p in empty_model(config).parameters()), quantization_of(config)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        return sum(p.numel() for p in empty_model(config).parameters()), quantization_of(config)
+    except (ValueError, HfCompressError) as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        return None, quantization_of(PretrainedConfig.from_pretrained(path))
 
 
 def _sizes(about: dict, params: int | None) -> list[list[str]]:

@@ -24,6 +24,13 @@ DEVICE_HELP = "cpu, cuda, cuda:N (default: what Accelerate picks, the GPU when t
 DTYPE_HELP = "float32, bfloat16 or float16 (default: the source's dtype on GPU, float32 on CPU)."
 QUANTIZE_HELP = "Quantize with bitsandbytes: nf4, fp4 or int8 (embeddings and the output head stay in float)."
 QUANTIZE_HEAD_HELP = "Quantize the output head too (when it is not tied to the embeddings)."
+SPEED_HELP = ("Keep a layer dense, within the same size, where its two factors would not decode faster than "
+              "the matrix on this device (measured, about a second).")
+TRUST_HELP = "Allow a model that ships its own modeling code to run it (as transformers' trust_remote_code)."
+
+
+def _trust_option():
+    return typer.Option(False, "--trust-remote-code", help=TRUST_HELP)
 
 
 def _progress_dir(output: Path) -> Path:
@@ -63,6 +70,7 @@ def compress(
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Masks and scores stay float32."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT and discard an unfinished pass."),
     dry_run: bool = typer.Option(False, help="Print the memory plan of this run (config only, no weights) and stop."),
+    trust_remote_code: bool = _trust_option(),
 ):
     """Run one ACIP pass; afterwards `materialize` builds any size from OUTPUT in about a second."""
     from .acip import AcipConfig, acip
@@ -72,7 +80,7 @@ def compress(
     from .models import load_model, process_state, resolve_device, resolve_dtype
 
     if dry_run:
-        return _print_plan(model, device, dtype, batch_size=batch_size, seq_len=seq_len,
+        return _print_plan(model, device, dtype, trust_remote_code, batch_size=batch_size, seq_len=seq_len,
                            num_processes=process_state().num_processes, fsdp=fsdp_requested(process_state()),
                            whitening_windows=whitening_windows,
                            lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
@@ -91,7 +99,8 @@ def compress(
     if overwrite:
         clear_progress(progress)
     start = time.perf_counter()
-    net, tokenizer = load_model(model, resolve_dtype(dtype, resolve_device(device)))
+    net, tokenizer = load_model(model, resolve_dtype(dtype, resolve_device(device)),
+                                trust_remote_code=trust_remote_code)
     data = calibration_data(tokenizer, dataset, seq_len=seq_len, text_column=text_column,
                             dataset_config=dataset_config, dataset_split=dataset_split)
     result = acip(net, data, config, tokenizer=tokenizer, progress_dir=progress)
@@ -122,17 +131,19 @@ def plan_command(
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     memory: Optional[str] = typer.Option(None, help="Memory of the device planned for, e.g. 80GB "
                                          "(default: this machine's device)."),
+    trust_remote_code: bool = _trust_option(),
 ):
     """Predict the peak memory of `compress` (and `materialize`) per process, from the config
     alone, and say whether it fits the device."""
     from .models import parse_size
 
-    _print_plan(model, device, dtype, memory=parse_size(memory) if memory else None, batch_size=batch_size,
-                seq_len=seq_len, num_processes=num_processes, fsdp=fsdp, whitening_windows=whitening_windows,
-                lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
+    _print_plan(model, device, dtype, trust_remote_code, memory=parse_size(memory) if memory else None,
+                batch_size=batch_size, seq_len=seq_len, num_processes=num_processes, fsdp=fsdp,
+                whitening_windows=whitening_windows, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
 
 
-def _print_plan(model: str, device: str | None, dtype: str | None, memory: int | None = None, **settings) -> None:
+def _print_plan(model: str, device: str | None, dtype: str | None, trust_remote_code: bool, memory: int | None = None,
+                **settings) -> None:
     import torch
 
     from .models import resolve_device, resolve_dtype
@@ -142,7 +153,7 @@ def _print_plan(model: str, device: str | None, dtype: str | None, memory: int |
         raise HfCompressError(f"batch size {settings['batch_size']} must be a multiple of the "
                               f"{settings['num_processes']} processes")
     target = resolve_device(device)
-    net = meta_model(model)
+    net = meta_model(model, trust_remote_code)
     chosen = resolve_dtype(dtype, target)
     if chosen == "auto":  # the source's own dtype, as the pass would load it
         chosen = getattr(net.config, "dtype", None) or torch.float32
@@ -178,9 +189,11 @@ def materialize(
     max_size: Optional[str] = typer.Option(None, help="Instead of a ratio: the largest model whose weights fit, e.g. 60MB."),
     quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP),
     quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
+    speed_aware: bool = typer.Option(False, help=SPEED_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    trust_remote_code: bool = _trust_option(),
 ):
     """Write a checkpoint of the given size (or byte budget) that AutoModelForCausalLM loads."""
     from .acip import CompressibleModel
@@ -195,11 +208,15 @@ def materialize(
     max_bytes = None if max_size is None else parse_size(max_size)
     _check_quantize(quantize)
     check_output(output, overwrite)
-    compressible = _on_device(CompressibleModel.from_pretrained(path), device, dtype)
-    model = compressible.materialize(size_ratio, max_bytes=max_bytes, quantize=quantize, quantize_head=quantize_head)
+    compressible = _on_device(CompressibleModel.from_pretrained(path, trust_remote_code), device, dtype)
+    model = compressible.materialize(size_ratio, max_bytes=max_bytes, quantize=quantize, quantize_head=quantize_head,
+                                     speed_aware=speed_aware)
     save_checkpoint(model, compressible.tokenizer, output, overwrite=overwrite)
     info = model.config.hf_compress
     budget = f" (the largest within {max_size})" if max_size else ""
+    if speed_aware:
+        budget += (f"; speed-aware: a second matmul call costs as much as reading "
+                   f"{info['speed_overhead_params']:,} weights here")
     console.print(
         f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}{budget}, {_mib(model)} of weights"
         f"{_quantized_note(model)} ({info['target_params']:,} of {info['target_dense_params']:,} targeted "
@@ -215,6 +232,7 @@ def quantize_command(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    trust_remote_code: bool = _trust_option(),
 ):
     """Quantize a model with bitsandbytes; the checkpoint reloads with plain transformers."""
     from .checkpoint import save_checkpoint
@@ -223,7 +241,7 @@ def quantize_command(
 
     _check_quantize(method)
     check_output(output, overwrite)
-    net, tokenizer = _load(model, device, dtype)
+    net, tokenizer = _load(model, device, dtype, trust_remote_code)
     quantized = quantize(net, method, quantize_head)
     save_checkpoint(quantized, tokenizer, output, overwrite=overwrite)
     console.print(f"[green]wrote[/green] {output}: {_mib(quantized)} of weights{_quantized_note(quantized)}",
@@ -237,11 +255,11 @@ def _check_quantize(method: str | None) -> None:
         check_method(method)
 
 
-def _load(model: str, device: str | None, dtype: str | None):
+def _load(model: str, device: str | None, dtype: str | None, trust_remote_code: bool):
     from .models import load_model, resolve_device, resolve_dtype
 
     where = resolve_device(device)
-    return load_model(model, resolve_dtype(dtype, where), where)
+    return load_model(model, resolve_dtype(dtype, where), where, trust_remote_code)
 
 
 def _on_device(compressible, device: str | None, dtype: str | None):
@@ -287,6 +305,7 @@ def fold_command(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    trust_remote_code: bool = _trust_option(),
 ):
     """Fold a model data-free into a smaller one of the same architecture."""
     from .checkpoint import save_checkpoint
@@ -297,7 +316,7 @@ def fold_command(
                         variance_correction=variance_correction, seed=seed, quantize=quantize,
                         quantize_head=quantize_head)
     check_output(output, overwrite)
-    net, tokenizer = _load(model, device, dtype)
+    net, tokenizer = _load(model, device, dtype, trust_remote_code)
     start = time.perf_counter()
     net = fold(net, config)
     seconds = time.perf_counter() - start
@@ -329,14 +348,15 @@ def _parse_layers(text: str, ratio: float) -> str | dict[int, float]:
 def info(
     path: str = typer.Argument(..., help=f"A compressible directory or a model ({MODEL_HELP})"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    trust_remote_code: bool = _trust_option(),
 ):
     """Per-layer ranks, parameters and bytes of a model or a compressible directory."""
     from .acip.compressible import META_FILE
 
     if (Path(path) / META_FILE).is_file():
-        report = _compressible_report(Path(path))
+        report = _compressible_report(Path(path), trust_remote_code)
     else:
-        report = _checkpoint_report(path)
+        report = _checkpoint_report(path, trust_remote_code)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -360,10 +380,12 @@ def evaluate_command(
     batch_size: Optional[int] = typer.Option(None, help="Windows per batch for perplexity and lm-eval (default: 4 on "
                                              "CPU, 16 on GPU)."),
     quantize: Optional[str] = typer.Option(None, help="Sizes from a compressible directory: " + QUANTIZE_HELP),
+    speed_aware: bool = typer.Option(False, help="Sizes from a compressible directory: " + SPEED_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     output: Optional[Path] = typer.Option(None, help="Write results (with protocol and versions) to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write the size/quality curve to this PNG."),
+    trust_remote_code: bool = _trust_option(),
 ):
     """Perplexity and lm-eval tasks of a model, or of many sizes from one compressible directory."""
     from . import evaluate as ev
@@ -381,14 +403,17 @@ def evaluate_command(
         from .acip import CompressibleModel
 
         ratios = _parse_ratios(size_ratios)
-        compressible = _on_device(CompressibleModel.from_pretrained(path), device, dtype)
+        compressible = _on_device(CompressibleModel.from_pretrained(path, trust_remote_code), device, dtype)
         tokenizer = compressible.tokenizer
-        models = (compressible.materialize(r, quantize=quantize) for r in ratios)
+        models = (compressible.materialize(r, quantize=quantize, speed_aware=speed_aware) for r in ratios)
     else:
         if quantize:
             raise HfCompressError("--quantize applies to sizes from a compressible directory; quantize a "
                                   "checkpoint with `hf-compress quantize` first")
-        net, tokenizer = _load(path, device, dtype)
+        if speed_aware:
+            raise HfCompressError("--speed-aware applies to sizes from a compressible directory; materialize "
+                                  "one with `hf-compress materialize --speed-aware`")
+        net, tokenizer = _load(path, device, dtype, trust_remote_code)
         models = iter([net])
     windows = None
     if not no_perplexity:
@@ -472,15 +497,15 @@ def _print_records(records: list[dict]) -> None:
     Console(soft_wrap=True).print(table)
 
 
-def _compressible_report(path: Path) -> dict:
+def _compressible_report(path: Path, trust_remote_code: bool) -> dict:
     from .acip import CompressibleModel
     from .quantize import width_multiple
 
-    compressible = CompressibleModel.from_pretrained(path)
+    compressible = CompressibleModel.from_pretrained(path, trust_remote_code)
     sizes = []
     for ratio in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
         ranks = compressible.ranks_at(ratio)
-        factorized = sum(not f.shape.is_dense_at(ranks[n] + f.lora_rank) for n, f in compressible.layers.items())
+        factorized = sum(not f.is_dense_at(ranks[n]) for n, f in compressible.layers.items())
         row = {"size_ratio": ratio, "target_params": compressible.params_of(ranks), "factorized_layers": factorized,
                "bytes": compressible.checkpoint_bytes(ranks)}
         for method in ("int8", "nf4"):
@@ -492,10 +517,10 @@ def _compressible_report(path: Path) -> dict:
             "target_dense_params": compressible.dense_params, "sizes": sizes}
 
 
-def _checkpoint_report(path: str) -> dict:
+def _checkpoint_report(path: str, trust_remote_code: bool) -> dict:
     from .models import load_model, size_report
 
-    report = size_report(load_model(path)[0])
+    report = size_report(load_model(path, trust_remote_code=trust_remote_code)[0])
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     report["file_bytes"] = sum(f.stat().st_size for f in files) or None
     return report

@@ -77,10 +77,12 @@ def demo_checkpoint() -> Path:
     return target
 
 
-def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | torch.device | None = None):
+def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | torch.device | None = None,
+               trust_remote_code: bool = False):
     """Load `(model, tokenizer)` from a Hub id, a local directory, a `.gguf` file or `demo`, on
     `device` (default CPU). A directory written by hf-compress loads with its factorized, resized
-    or quantized layers, no remote code needed.
+    or quantized layers, no remote code needed unless its base architecture is remote code
+    (`trust_remote_code`, as in transformers).
     """
     source = str(source)
     if source == DEMO:
@@ -94,29 +96,38 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", dev
             raise HfCompressError(f"GGUF file not found: {source}")
         model, tokenizer = _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
         return model.to(device or "cpu"), tokenizer
-    config = load_config(source)
+    config = load_config(source, trust_remote_code)
     try:
         local_without_tokenizer = Path(source).is_dir() and not (Path(source) / "tokenizer_config.json").exists()
-        tokenizer = None if local_without_tokenizer else AutoTokenizer.from_pretrained(source)
+        tokenizer = None if local_without_tokenizer else AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _cannot_load(source, err) from None
     from .checkpoint import model_class_for
 
     device_map = None if device is None else {"": torch.device(device)}  # quantized weights load there
-    model = model_class_for(config).from_pretrained(source, dtype=dtype, device_map=device_map)
+    model = model_class_for(config, trust_remote_code).from_pretrained(
+        source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
 
 
-def load_config(source: str | os.PathLike):
+def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
     """The config of a Hub id (only config.json is fetched), a directory, or the demo."""
     source = str(demo_checkpoint()) if str(source) == DEMO else str(source)
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _cannot_load(source, err) from None
 
 
+def untrusted_code(source: str) -> HfCompressError:
+    return HfCompressError(f"'{source}' runs its own modeling code: pass --trust-remote-code "
+                           "(trust_remote_code=True) if you trust it")
+
+
 def _cannot_load(source: str, err: Exception) -> HfCompressError:
+    if "trust_remote_code" in str(err):
+        return untrusted_code(source)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = " (offline mode: it must be in the local Hub cache)" if offline else ""
     return HfCompressError(f"cannot load model '{source}'{hint}: {first_line(err)}")
@@ -182,14 +193,24 @@ class LayerShape:
     def dense_params(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias else 0)
 
-    def params_at_rank(self, rank: int) -> int:
-        """Factorized size, capped at dense: a factorization that is not smaller is kept dense."""
-        factorized = rank * (self.in_features + self.out_features)
+    def params_at_rank(self, rank: int, overhead: int = 0) -> int:
+        """Factorized size, or dense where the factorization is not smaller (with `overhead`: not
+        faster, see `is_dense_at`)."""
         bias = self.out_features if self.bias else 0
-        return min(factorized, self.in_features * self.out_features) + bias
+        if self.is_dense_at(rank, overhead):
+            return self.in_features * self.out_features + bias
+        return rank * (self.in_features + self.out_features) + bias
 
-    def is_dense_at(self, rank: int) -> bool:
-        return rank * (self.in_features + self.out_features) >= self.in_features * self.out_features
+    def is_dense_at(self, rank: int, overhead: int = 0) -> bool:
+        """Whether the layer is stored dense at `rank`: when its two factors hold at least as many
+        weights as the matrix, plus `overhead` weights for the time of their second matmul call
+        (`speed.call_overhead_params`; 0 compares sizes only). A layer so small that no
+        factorization of it would be faster is left to the sizes alone: speed cannot decide
+        between two slow forms, and the size budget must still be met."""
+        size, width = self.in_features * self.out_features, self.in_features + self.out_features
+        if overhead >= size - width:
+            overhead = 0
+        return rank * width + overhead >= size
 
     def to_json(self) -> dict:
         return {"in": self.in_features, "out": self.out_features, "bias": self.bias}

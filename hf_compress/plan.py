@@ -168,9 +168,9 @@ def device_capacity(device: torch.device) -> int | None:
         return total
 
 
-def meta_model(source: str):
+def meta_model(source: str, trust_remote_code: bool = False):
     """The model `source` names on the meta device: every shape from its config, no weights read."""
     from .checkpoint import empty_model
     from .models import load_config
 
-    return empty_model(load_config(source))
+    return empty_model(load_config(source, trust_remote_code), trust_remote_code)

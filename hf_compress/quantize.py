@@ -96,7 +96,7 @@ def quantize(model: PreTrainedModel, method: str = "nf4", quantize_head: bool = 
     Embeddings and the output head keep their dtype (`quantize_head=True` quantizes an untied
     head too). The copy saves with its `quantization_config` and reloads with plain transformers.
     """
-    from .checkpoint import mark_compressed, model_class_for, source_of, source_sizes
+    from .checkpoint import mark_compressed, source_of, source_sizes
 
     check_method(method)
     if getattr(model.config, "quantization_config", None) is not None:
@@ -108,7 +108,7 @@ def quantize(model: PreTrainedModel, method: str = "nf4", quantize_head: bool = 
     device = next(model.parameters()).device
     with tempfile.TemporaryDirectory(prefix="hf-compress-quantize-") as tmp:
         model.save_pretrained(tmp)
-        quantized = model_class_for(model.config).from_pretrained(
+        quantized = type(model).from_pretrained(  # its own class: remote-code and factorized ones too
             tmp, quantization_config=bnb_config(method, skip, model.dtype), dtype=model.dtype,
             device_map={"": device})
     info = getattr(model.config, "hf_compress", None) or {}

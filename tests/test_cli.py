@@ -33,6 +33,16 @@ def test_materialize_and_info(monkeypatch, capsys, compressible_dir, tmp_path):
     assert [row["size_ratio"] for row in json.loads(out)["sizes"]][-1] == 1.0
 
 
+def test_materialize_speed_aware(monkeypatch, capsys, compressible_dir, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", 0.5,
+                           "--speed-aware", "--output", tmp_path / "m")
+    assert code in (0, None) and "speed-aware: a second matmul call costs as much as reading" in err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())["hf_compress"]
+    assert config["speed_overhead_params"] > 0 and config["size_ratio"] <= 0.5
+    code, _, err = run_cli(monkeypatch, capsys, "eval", tmp_path / "m", "--speed-aware")
+    assert code == 1 and "--speed-aware applies to sizes from a compressible directory" in error_line(err)
+
+
 @pytest.mark.parametrize("ratio", [0, 1.5, -0.2])
 def test_ratio_out_of_range(monkeypatch, capsys, compressible_dir, tmp_path, ratio):
     code, _, err = run_cli(monkeypatch, capsys, "materialize", compressible_dir, "--size-ratio", ratio,

@@ -91,3 +91,35 @@ def test_output_is_not_overwritten(compressible, tmp_path):
         save_checkpoint(compressible.materialize(0.5), None, tmp_path / "m")
     assert (tmp_path / "m" / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_speed_aware_keeps_slow_factorizations_dense_within_budget(compressible, tmp_path):
+    overhead = 1000  # weights one extra matmul call costs in time (a tiny model's scale)
+
+    def saves_a_call(name, rank):
+        shape = compressible.layers[name].shape
+        return rank * (shape.in_features + shape.out_features) + overhead < shape.in_features * shape.out_features
+
+    slow_somewhere = False
+    for ratio in (0.95, 0.8, 0.5):
+        plain, fast = compressible.materialize(ratio), compressible.materialize(ratio, speed_aware=overhead)
+        ranks, plain_ranks = fast.config.hf_compress["ranks"], plain.config.hf_compress["ranks"]
+        assert fast.config.hf_compress["speed_overhead_params"] == overhead
+        slow = [name for name, rank in plain_ranks.items() if not saves_a_call(name, rank)]
+        slow_somewhere |= bool(slow)
+        assert len(ranks) < len(plain_ranks) if slow else len(ranks) == len(plain_ranks)
+        assert all(saves_a_call(name, rank) for name, rank in ranks.items())
+        assert size_report(fast)["target_params"] <= ratio * compressible.dense_params
+    assert slow_somewhere
+    save_checkpoint(fast, None, tmp_path / "m")
+    data = tiny_data(2)
+    torch.testing.assert_close(load_model(tmp_path / "m")[0](data).logits, fast(data).logits, rtol=0, atol=0)
+
+
+def test_speed_aware_measures_this_device():
+    from hf_compress.speed import call_overhead_params
+
+    assert call_overhead_params("cpu", torch.float32) > 0
+    model = acip(tiny_model(), tiny_data(), max_steps=2, batch_size=4, show_progress=False).materialize(
+        0.6, speed_aware=True)
+    assert model.config.hf_compress["speed_overhead_params"] == call_overhead_params("cpu", torch.float32)

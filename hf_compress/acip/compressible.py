@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from ..cards import write_card
 from ..checkpoint import mark_compressed, model_class_for
 from ..errors import HfCompressError
 from ..io import atomic_dir
-from ..models import LayerShape, dense_weight, read_json, set_dense_weight, tensor_bytes
+from ..models import LayerShape, dense_weight, load_config, read_json, set_dense_weight, tensor_bytes
 from ..quantize import linear_bytes, quantize as quantize_model, width_multiple
+from ..speed import call_overhead_params
 from ..modeling_hf_compress import factorize_
 from .config import AcipConfig
 
@@ -50,9 +51,12 @@ class LayerFactors:
     def lora_rank(self) -> int:
         return 0 if self.lora_a is None else self.lora_a.shape[0]
 
-    def params(self, rank: int) -> int:
+    def params(self, rank: int, overhead: int = 0) -> int:
         """Parameters when `rank` singular values are kept; LoRA is stacked into the factors."""
-        return self.shape.params_at_rank(rank + self.lora_rank)
+        return self.shape.params_at_rank(rank + self.lora_rank, overhead)
+
+    def is_dense_at(self, rank: int, overhead: int = 0) -> bool:
+        return self.shape.is_dense_at(rank + self.lora_rank, overhead)
 
     def rounded(self, rank: int, multiple: int) -> int:
         """`rank` raised so that the stacked rank (with LoRA) is a multiple of `multiple`, within
@@ -62,11 +66,11 @@ class LayerFactors:
             return rank
         return min(-(-total // multiple) * multiple - self.lora_rank, len(self.score))
 
-    def bytes(self, rank: int, quantize: str | None, dtype_bytes: int) -> int:
+    def bytes(self, rank: int, quantize: str | None, dtype_bytes: int, overhead: int = 0) -> int:
         """Checkpoint bytes of this layer at `rank`: dense, or two factor Linears."""
         shape, total = self.shape, rank + self.lora_rank
         bias = shape.out_features * dtype_bytes if shape.bias else 0
-        if shape.is_dense_at(total):
+        if shape.is_dense_at(total, overhead):
             return linear_bytes(shape.in_features, shape.out_features, quantize, dtype_bytes) + bias
         return (linear_bytes(shape.in_features, total, quantize, dtype_bytes)
                 + linear_bytes(total, shape.out_features, quantize, dtype_bytes) + bias)
@@ -102,18 +106,19 @@ class CompressibleModel:
         order = order[torch.sort(scores[order], descending=True, stable=True).indices]
         return layer_ids[order]
 
-    def ranks_at(self, size_ratio: float, multiple: int = 1) -> dict[str, int]:
+    def ranks_at(self, size_ratio: float, multiple: int = 1, overhead: int = 0) -> dict[str, int]:
         """Per-layer ranks for the largest prefix of the global order within `size_ratio` of the
-        targeted parameters; with `multiple`, ranks are rounded up to multiples of it (and so counted)."""
+        targeted parameters; with `multiple`, ranks are rounded up to multiples of it (and so
+        counted); `overhead`: see `LayerShape.is_dense_at`."""
         if not 0 < size_ratio <= 1:
             raise HfCompressError(f"size ratio must be in (0, 1], got {size_ratio}")
         budget = size_ratio * self.dense_params
-        return self._largest_prefix(lambda ranks: self.params_of(ranks) <= budget, multiple,
+        return self._largest_prefix(lambda ranks: self.params_of(ranks, overhead) <= budget, multiple,
                                     f"size ratio {size_ratio}")
 
-    def ranks_within(self, max_bytes: int, quantize: str | None = None) -> dict[str, int]:
+    def ranks_within(self, max_bytes: int, quantize: str | None = None, overhead: int = 0) -> dict[str, int]:
         """Per-layer ranks of the largest model whose weights take at most `max_bytes`."""
-        return self._largest_prefix(lambda ranks: self.checkpoint_bytes(ranks, quantize) <= max_bytes,
+        return self._largest_prefix(lambda ranks: self.checkpoint_bytes(ranks, quantize, overhead) <= max_bytes,
                                     width_multiple(quantize), f"{max_bytes / 2**20:.1f} MiB")
 
     def _largest_prefix(self, fits, multiple: int, budget: str) -> dict[str, int]:
@@ -134,16 +139,17 @@ class CompressibleModel:
             lo, hi = (mid, hi) if fits(ranks_for(mid)) else (lo, mid - 1)
         return ranks_for(lo)
 
-    def params_of(self, ranks: dict[str, int]) -> int:
-        return sum(self.layers[name].params(rank) for name, rank in ranks.items())
+    def params_of(self, ranks: dict[str, int], overhead: int = 0) -> int:
+        return sum(self.layers[name].params(rank, overhead) for name, rank in ranks.items())
 
-    def checkpoint_bytes(self, ranks: dict[str, int], quantize: str | None = None) -> int:
+    def checkpoint_bytes(self, ranks: dict[str, int], quantize: str | None = None, overhead: int = 0) -> int:
         """Bytes of the weights of the model these ranks make, quantized or not (the output head
         counted in float), as `models.tensor_bytes` measures the built model."""
         if self._fixed_bytes is None:
             self._fixed_bytes = tensor_bytes(self.base_model) - sum(
                 f.shape.dense_params * self.base_model.dtype.itemsize for f in self.layers.values())
-        return self._fixed_bytes + sum(self.layers[name].bytes(rank, quantize, self.base_model.dtype.itemsize)
+        dtype_bytes = self.base_model.dtype.itemsize
+        return self._fixed_bytes + sum(self.layers[name].bytes(rank, quantize, dtype_bytes, overhead)
                                        for name, rank in ranks.items())
 
     def uniform_ranks(self, size_ratio: float) -> dict[str, int]:
@@ -158,31 +164,42 @@ class CompressibleModel:
 
     def materialize(self, size_ratio: float | None = None, *, ranks: dict[str, int] | None = None,
                     max_bytes: int | None = None, quantize: str | None = None,
-                    quantize_head: bool = False) -> PreTrainedModel:
+                    quantize_head: bool = False, speed_aware: bool | int = False) -> PreTrainedModel:
         """A transformers model at `size_ratio` of the targeted parameters, or the largest whose
         weights fit `max_bytes`: factorized layers become two small Linears, layers that end up
         dense are rebuilt at full rank, LoRA is merged. Explicit per-layer `ranks` (each layer's
         best values first) override the global order. `quantize` (nf4, fp4, int8) returns it
-        quantized with bitsandbytes, its ranks rounded to what the 4-bit kernel packs."""
+        quantized with bitsandbytes, its ranks rounded to what the 4-bit kernel packs.
+
+        `speed_aware=True` keeps a layer dense, within the same budget, where its two factors would
+        not decode faster than the matrix on the device of this model (measured:
+        `speed.call_overhead_params`); an int gives that overhead in weights instead."""
         start = time.perf_counter()
         multiple = width_multiple(quantize)
+        overhead = self.speed_overhead() if speed_aware is True else int(speed_aware)
         if ranks is None:
             if (size_ratio is None) == (max_bytes is None):
                 raise HfCompressError("give exactly one of a size ratio and a byte budget")
-            ranks = self.ranks_at(size_ratio, multiple) if max_bytes is None else self.ranks_within(max_bytes, quantize)
-        model = self._build(ranks, width_multiple=multiple)
+            ranks = (self.ranks_at(size_ratio, multiple, overhead) if max_bytes is None
+                     else self.ranks_within(max_bytes, quantize, overhead))
+        model = self._build(ranks, overhead, width_multiple=multiple)
         if quantize:
             model = quantize_model(model, quantize, quantize_head)
         model.materialize_seconds = time.perf_counter() - start
         return model
 
-    def _build(self, ranks: dict[str, int], **info) -> PreTrainedModel:
+    def speed_overhead(self) -> int:
+        """The time of one extra matmul call, in weights, where this model materializes."""
+        parameter = next(self.base_model.parameters())
+        return call_overhead_params(parameter.device, parameter.dtype)
+
+    def _build(self, ranks: dict[str, int], overhead: int = 0, **info) -> PreTrainedModel:
         model = copy.deepcopy(self.base_model)
         factorized = {}
         for name, rank in ranks.items():
             f = self.layers[name]
             module = model.get_submodule(name)
-            if f.shape.is_dense_at(rank + f.lora_rank):
+            if f.is_dense_at(rank, overhead):
                 delta = f.lora_delta()
                 if delta is not None:
                     set_dense_weight(module, dense_weight(module).float() + delta.to(module.weight.device).float())
@@ -191,7 +208,9 @@ class CompressibleModel:
         factorize_(model, {name: r for name, (r, _) in factorized.items()})
         for name, (_, bias) in factorized.items():
             self._fill(model.get_submodule(name), self.layers[name], ranks[name], bias)
-        params = self.params_of(ranks)
+        params = self.params_of(ranks, overhead)
+        if overhead:
+            info["speed_overhead_params"] = overhead
         recorded = ("source_params", "source_bytes", "dataset", "seq_len", "windows")  # for the model card
         carried = {key: self.summary[key] for key in recorded if key in self.summary}
         mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, method="acip",
@@ -243,7 +262,8 @@ class CompressibleModel:
         return Path(output)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> CompressibleModel:
+    def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False) -> CompressibleModel:
+        """Load a compressible directory; `trust_remote_code` when its model runs its own code."""
         path = Path(path)
         if not (path / META_FILE).is_file():
             raise HfCompressError(
@@ -260,13 +280,15 @@ class CompressibleModel:
                 parts = {k: tensors[f"{name}.{k}"] for k in FACTOR_KEYS}
                 lora = {k: tensors.get(f"{name}.{k}") for k in ("lora_a", "lora_b")}
                 layers[name] = LayerFactors(LayerShape.from_json(shape), **parts, **lora)
-            base = model_class_for(AutoConfig.from_pretrained(path)).from_pretrained(path)  # folded bases too
+            config = load_config(path, trust_remote_code)
+            base = model_class_for(config, trust_remote_code).from_pretrained(  # folded bases too
+                path, trust_remote_code=trust_remote_code)
         except (OSError, KeyError, SafetensorError, ValueError) as err:
             raise HfCompressError(
                 f"{path} is not a complete compressible directory ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else 'missing data'}); rerun `hf-compress compress`"
             ) from None
         has_tokenizer = (path / "tokenizer_config.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_tokenizer else None
         config = AcipConfig.from_dict(meta["config"])
         return cls(base.eval(), layers, config, meta.get("summary"), tokenizer)
