@@ -52,10 +52,21 @@ def compress(
     dataset_split: str = typer.Option("train", help="Hub dataset split."),
     text_column: str = typer.Option("text", help="Column holding the text (.jsonl, .parquet, Hub)."),
     stop_ratio: float = typer.Option(0.4, help="Stop once the targeted layers are this fraction of their size."),
+    objective: str = typer.Option("saliency", help="What moves the masks: saliency, acip (the paper's), torque, "
+                                  "drr or nuclear (see docs/ARCHITECTURE.md)."),
     max_steps: int = typer.Option(200, help="Step budget of the pass."),
     seq_len: int = typer.Option(256, help="Tokens per calibration window."),
     batch_size: int = typer.Option(4, help="Windows per step (global, across processes)."),
     lora_rank: int = typer.Option(0, help="Rank of LoRA adapters trained with the masks (0: none)."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA scale numerator (default: the rank, scale 1)."),
+    mask_init: float = typer.Option(1.0, help="Initial value of every mask."),
+    mask_lr: Optional[float] = typer.Option(None, help="Mask learning rate (default: from --max-steps, so masks can "
+                                            "die within a tenth of the budget)."),
+    lambda_schedule: str = typer.Option("controller", help="'controller' (steered to reach --stop-ratio within the "
+                                        "budget) or 'geometric' (x --lambda-growth every --lambda-every steps)."),
+    lambda_init: float = typer.Option(0.5, help="Initial strength (controller: in units of the data's pull)."),
+    lambda_growth: Optional[float] = typer.Option(None, help="Growth factor of lambda (default: from --max-steps)."),
+    lambda_every: int = typer.Option(1, help="Steps between growths of a geometric schedule."),
     basis: str = typer.Option("whitened", help="'whitened' (activation-aware SVD) or 'plain' SVD."),
     whitening_windows: int = typer.Option(16, help="Calibration windows whose inputs whiten the SVD (their tokens "
                                           "should outnumber the widest layer input)."),
@@ -91,8 +102,10 @@ def compress(
                               "pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch")
     if device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"  # read by Accelerate before it picks a device
-    config = AcipConfig(stop_ratio=stop_ratio, max_steps=max_steps, batch_size=batch_size,
-                        lora_rank=lora_rank, basis=basis, whitening_windows=whitening_windows,
+    config = AcipConfig(stop_ratio=stop_ratio, objective=objective, max_steps=max_steps, batch_size=batch_size,
+                        lora_rank=lora_rank, lora_alpha=lora_alpha, mask_init=mask_init, mask_lr=mask_lr,
+                        lambda_schedule=lambda_schedule, lambda_init=lambda_init, lambda_growth=lambda_growth,
+                        lambda_every=lambda_every, basis=basis, whitening_windows=whitening_windows,
                         gradient_checkpointing=gradient_checkpointing, include=include, exclude=exclude,
                         seed=seed, save_every=save_every)
     progress = _progress_dir(output)

@@ -1,8 +1,10 @@
 """Run a short ACIP pass on a tiny seeded model and save its score map (single or multi-process).
 
-Used by test_distributed.py: `python acip_worker.py OUT` or `torchrun --nproc_per_node 2 ...`.
+Used by test_distributed.py: `python acip_worker.py OUT` or `torchrun --nproc_per_node 2 ...`
+(OBJECTIVE=acip for another objective than the default).
 """
 
+import os
 import sys
 
 import torch
@@ -10,7 +12,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_compress as hfc
-from hf_compress.acip import train
+from hf_compress.acip import objectives
 
 
 def tiny_model():
@@ -20,26 +22,28 @@ def tiny_model():
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def record_sharding(rows_held: list) -> None:
+def record_sharding(rows_held: list, objective: str) -> None:
     """Note, at each step, the share of U's rows this process holds (below 1 when FSDP shards)."""
-    real_step = train.mask_step
+    cls = objectives.OBJECTIVES[objective]
+    real_step = cls.step
 
-    def step(layers, *args):
+    def step(self, layers, *args):
         u = next(iter(layers.values())).u
         local = u.to_local() if hasattr(u, "to_local") else u
         rows_held.append(local.shape[0] / u.shape[0])
-        real_step(layers, *args)
+        real_step(self, layers, *args)
 
-    train.mask_step = step
+    cls.step = step
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     rows_held = []
-    record_sharding(rows_held)
+    objective = os.environ.get("OBJECTIVE", "saliency")
+    record_sharding(rows_held, objective)
     model = tiny_model()
     data = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
-    result = hfc.acip(model, data, max_steps=12, stop_ratio=0.3, batch_size=4, lora_rank=2,
+    result = hfc.acip(model, data, max_steps=12, stop_ratio=0.3, batch_size=4, lora_rank=2, objective=objective,
                       show_progress=False)
     if PartialState().is_main_process:
         torch.save({name: f.score for name, f in result.layers.items()} | {"_summary": result.summary, "_rows_held": max(rows_held)},

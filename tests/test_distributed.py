@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("acip_worker.py")
@@ -18,9 +19,10 @@ def run_worker(out: Path, processes: int, **env) -> dict:
     return torch.load(out, weights_only=False)
 
 
-def test_two_processes_give_the_single_process_score_map(tmp_path):
-    single = run_worker(tmp_path / "one.pt", 1)
-    double = run_worker(tmp_path / "two.pt", 2)
+@pytest.mark.parametrize("objective", ["saliency", "torque"])  # its own rule, and one trained by AdamW
+def test_two_processes_give_the_single_process_score_map(tmp_path, objective):
+    single = run_worker(tmp_path / "one.pt", 1, OBJECTIVE=objective)
+    double = run_worker(tmp_path / "two.pt", 2, OBJECTIVE=objective)
     assert single["_summary"]["num_processes"] == 1 and double["_summary"]["num_processes"] == 2
     assert double.pop("_rows_held") == 1.0 and single.pop("_rows_held") == 1.0
     assert single["_summary"]["steps"] == double["_summary"]["steps"]

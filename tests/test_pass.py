@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_data, tiny_model
 from hf_compress import AcipConfig, HfCompressError, acip
 from hf_compress.acip import train
+from hf_compress.acip.objectives import Saliency
 
 
 def short_pass(**kwargs):
@@ -47,7 +48,7 @@ def test_masks_without_gradient_stay_put():
                                                              "model.layers.1.mlp.up_proj"])
     first, second = layers.values()
     first.mask.grad = torch.ones_like(first.mask)
-    train.mask_step(layers, lam=0.5, lr=0.1, cap=2.0)
+    Saliency(AcipConfig(mask_lr=0.1, mask_init=2.0), layers).step(layers, lam=0.5)
     assert (first.mask == 1.05).all() and (second.mask == 1.0).all()
 
 
@@ -88,7 +89,7 @@ def test_interrupted_pass_resumes_where_it_stopped(tmp_path, monkeypatch):
     settings = dict(max_steps=10, stop_ratio=0.2, batch_size=4, save_every=3, lora_rank=2, show_progress=False)
     uninterrupted = acip(tiny_model(), tiny_data(), **settings)
 
-    real_step, calls = train.mask_step, []
+    real_step, calls = Saliency.step, []
 
     def crash_on_step_eight(*args):
         calls.append(1)
@@ -96,11 +97,11 @@ def test_interrupted_pass_resumes_where_it_stopped(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_step(*args)
 
-    monkeypatch.setattr(train, "mask_step", crash_on_step_eight)
+    monkeypatch.setattr(Saliency, "step", crash_on_step_eight)
     with pytest.raises(KeyboardInterrupt):
         acip(tiny_model(), tiny_data(), progress_dir=tmp_path, **settings)
     assert torch.load(tmp_path / train.PROGRESS_FILE, weights_only=False)["state"]["step"] == 6
-    monkeypatch.setattr(train, "mask_step", real_step)
+    monkeypatch.setattr(Saliency, "step", real_step)
     resumed = acip(tiny_model(), tiny_data(), progress_dir=tmp_path, **settings)
     assert resumed.summary["steps"] == uninterrupted.summary["steps"]
     for name, factors in uninterrupted.layers.items():

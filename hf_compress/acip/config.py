@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import HfCompressError
 
 BASES = ("whitened", "plain")
+OBJECTIVES = ("saliency", "acip", "torque", "drr", "nuclear")  # acip/objectives.py: one class each
+LAMBDA_SCHEDULES = ("controller", "geometric")
 
 
 @dataclass
@@ -14,12 +16,16 @@ class AcipConfig:
     """One ACIP pass: which layers, which basis, how long, how hard.
 
     The pass stops when the alive size ratio reaches `stop_ratio` or after `max_steps` optimizer
-    steps. Lambda (the L1 weight on the masks) grows geometrically each step while the size of
-    the alive factors lags a linear trajectory down to `stop_ratio` over `schedule_fraction` of
-    the budget, and shrinks while ahead of it, so the pass keeps pace with any step budget.
+    steps. `objective` names what moves the masks (acip/objectives.py). Lambda (its strength)
+    is steered by the controller: it grows geometrically each step while the size of the alive
+    factors lags a linear trajectory down to `stop_ratio` over `schedule_fraction` of the
+    budget, and shrinks while ahead of it, so the pass keeps pace with any step budget. With
+    `lambda_schedule="geometric"` it grows by `lambda_growth` every `lambda_every` steps
+    whatever the size does, as in the ACIP paper.
     """
 
     stop_ratio: float = 0.4
+    objective: str = "saliency"
     max_steps: int = 200
     batch_size: int = 4
     basis: str = "whitened"  # "whitened" (activation-aware, SVD-LLM) or "plain" SVD
@@ -29,6 +35,10 @@ class AcipConfig:
     mask_lr: float | None = None  # None: derived from max_steps (see `learning_rate`)
     lambda_init: float = 0.5  # in units of the mean |gate gradient|: about where deaths begin
     lambda_growth: float | None = None  # per-step factor; None derives it from max_steps
+    lambda_schedule: str = "controller"  # or "geometric": lambda_growth every lambda_every steps
+    lambda_every: int = 1
+    drr_beta: float = 5.0  # drr: how sharply 1 - exp(-beta |mask|) saturates
+    nuclear_smoothness: float = 0.0  # nuclear: weight of the first-difference smoothness penalty
     schedule_fraction: float = 0.8
     lora_rank: int = 0
     lora_alpha: float | None = None  # None = lora_rank (scale 1)
@@ -47,6 +57,12 @@ class AcipConfig:
             raise HfCompressError(f"basis must be one of {BASES}, not '{self.basis}'")
         if self.lora_rank < 0:
             raise HfCompressError(f"LoRA rank must be >= 0, got {self.lora_rank}")
+        if self.objective not in OBJECTIVES:
+            raise HfCompressError(f"objective must be one of {OBJECTIVES}, not '{self.objective}'")
+        if self.lambda_schedule not in LAMBDA_SCHEDULES:
+            raise HfCompressError(f"lambda schedule must be one of {LAMBDA_SCHEDULES}, not '{self.lambda_schedule}'")
+        if self.lambda_every < 1:
+            raise HfCompressError(f"lambda_every must be >= 1, got {self.lambda_every}")
 
     @property
     def learning_rate(self) -> float:

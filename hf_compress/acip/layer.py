@@ -1,7 +1,8 @@
 """A Linear (or Conv1D) rewritten as y = U diag(gate * s) V^T x + b with a mask per singular value.
 
 The gate is 1 while the value is alive (mask > 0) and passes the mask's gradient straight
-through; once the mask reaches 0 the value is dead for good and dropped from the computation,
+through (or, for continuous objectives, is the mask itself); once the mask reaches 0 the value
+is dead for good and dropped from the computation,
 so steps get cheaper as the pass goes on. An optional LoRA adapter trains alongside.
 """
 
@@ -70,6 +71,7 @@ class SVDLinear(nn.Module):
         self.mask = nn.Parameter(torch.full_like(s, mask_init))
         self.register_buffer("alive", torch.ones_like(s, dtype=torch.bool))
         self.register_buffer("score", torch.zeros_like(s))
+        self.continuous = False  # set by the objective: the model sees the mask, not a straight-through 1
         self.lora_scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else 0.0
         if lora_rank:
             self.lora_a = nn.Parameter(torch.empty(lora_rank, self.shape.in_features, dtype=dtype))
@@ -115,7 +117,7 @@ class SVDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(self._index)
         mask = self.mask[self._index]
-        gate = 1.0 + (mask - mask.detach())  # value 1, gradient passes straight to the mask
+        gate = mask if self.continuous else 1.0 + (mask - mask.detach())  # straight-through: value 1
         h = (x @ self.v[:, :n]) * (self._s * gate).to(x.dtype)
         y = F.linear(h, self.u[:, :n], self.bias)
         if self.lora_a is not None:
@@ -123,11 +125,13 @@ class SVDLinear(nn.Module):
         return y
 
     @torch.no_grad()
-    def update_scores(self) -> None:
-        """After an optimizer step: alive values score their mask, a value that just died scores
-        0, and every dead score then drops by 1, so the earlier a value died the lower it ranks."""
+    def update_scores(self, importance: torch.Tensor | None = None) -> None:
+        """After an optimizer step: alive values score their `importance` (default: the mask), a
+        value whose mask reached 0 scores 0, and every dead score then drops by 1, so the earlier
+        a value died the lower it ranks."""
         died = self.alive & (self.mask <= 0)
-        self.score.copy_(torch.where(self.alive, self.mask, self.score))
+        importance = self.mask if importance is None else importance
+        self.score.copy_(torch.where(self.alive, importance, self.score))
         self.score[died] = 0.0
         self.alive &= ~died
         self.score[~self.alive] -= 1.0

@@ -1,16 +1,10 @@
 """The ACIP pass: one gradient-descent run that ranks every singular value of every target.
 
-Objective: causal-LM cross-entropy + lambda * sum ||relu(mask)||_1, with the straight-through
-gate of `SVDLinear`. Each step every alive mask gains lr * |dL/dgate| / mean |dL/dgate| (the
-first-order estimate of what removing that value would cost, normalized over all alive values)
-and loses lr * lambda (the L1 gradient); masks are capped at their initial value. Summed over
-steps this is a de-noised, loss-aware importance that is re-measured as the model shrinks, and
-a mask that reaches zero is pruned for good. Its order of death is the score map.
-
-Why not the signed gradient with Adam, as in the paper: near a pretrained minimum the sign of a
-per-batch gate gradient is noise, Adam turns noise into +-lr steps, and the values with the
-largest gradients (the most important ones) are the first to be killed by an unlucky sign; on
-the demo model one such step took the loss from 3.1 to 9.7 (see docs/BENCHMARKS.md).
+Every step: causal-LM cross-entropy on calibration windows through the masked SVD form,
+backward, then the objective (acip/objectives.py: saliency by default, or the paper's ACIP,
+exponential torque, DRR, nuclear norm) moves the masks with strength lambda, which the size
+controller steers (or the paper's geometric schedule grows). A mask that reaches zero is pruned
+for good; the order of death is the score map.
 """
 
 from __future__ import annotations
@@ -41,6 +35,7 @@ from ..models import decoder_blocks, expert_params, find_targets, require_dense
 from .compressible import CompressibleModel, LayerFactors
 from .config import AcipConfig
 from .layer import SVDLinear, full
+from .objectives import make_objective
 from .whitening import block_covariances, cholesky
 
 PROGRESS_FILE = "progress.pt"
@@ -63,12 +58,13 @@ def size_ratio(layers: dict[str, SVDLinear]) -> float:
 
 @torch.no_grad()
 def soft_ratio(layers: dict[str, SVDLinear], cap: float) -> float:
-    """Factor size counting each value by how full its mask is (mask / cap, clamped to [0, 1]),
-    without the dense cap. It moves as soon as masks start to fall, well before they die (and
-    the capped size ratio does not move until a layer drops below its cap), so lambda is
-    steered by it without lag."""
+    """Factor size counting each alive value by how full its mask is (mask / its initial value,
+    at least 0), without the dense cap. It moves as soon as masks start to fall, well before
+    they die (and the capped size ratio does not move until a layer drops below its cap), so
+    lambda is steered by it without lag; masks that noise pushes up count as much as those it
+    pushes down, so noise alone does not move it."""
     kept = sum(
-        float((layer.mask / cap).clamp(0, 1).sum()) * (layer.shape.in_features + layer.shape.out_features)
+        float(((layer.mask / cap).clamp(min=0) * layer.alive).sum()) * (layer.shape.in_features + layer.shape.out_features)
         for layer in layers.values()
     )
     return kept / sum(layer.shape.dense_params for layer in layers.values())
@@ -192,6 +188,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     wrapped = shard(trained, layers) if fsdp else accelerator.prepare(trained)
     for layer in layers.values():
         layer.compact()  # after a restore, and so the cached indices follow wherever wrapping put the masks
+    objective = make_objective(config, layers)
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
     optimizer = torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0) if loras else None
     state = {"step": 0, "lam": config.lambda_init, "history": [],
@@ -201,6 +198,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
         if optimizer is not None:
             set_optimizer_state_dict(trained, optimizer, saved["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
+        objective.load_state_dict(saved["objective"])
         if accelerator.is_main_process:
             print(f"resuming the pass at step {state['step']} from {progress}")
     loader = accelerator.prepare(DataLoader(TensorDataset(data), batch_size=config.batch_size, drop_last=True))
@@ -218,27 +216,24 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             accelerator.backward(loss)
             if fsdp:
                 average_mask_grads(layers, accelerator)
-            mask_step(layers, state["lam"], config.learning_rate, config.mask_init)
+            objective.step(layers, state["lam"])
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for layer in layers.values():
-                layer.update_scores()
+                layer.update_scores(objective.importance(layer))
             state["step"] += 1
             ratio = size_ratio(layers)
             target = config.target_ratio(state["step"], state["start_soft_ratio"])
             loss_value = accelerator.reduce(loss.detach(), "mean").item()
             state["history"].append({"step": state["step"], "size_ratio": round(ratio, 5), "lambda": state["lam"],
                                      "loss": round(loss_value, 4), "seconds": round(time.perf_counter() - started, 3)})
-            # Steer by the lag-free soft size along the schedule, then by the real size until done.
-            in_schedule = state["step"] < config.schedule_fraction * config.max_steps
-            steered = soft_ratio(layers, config.mask_init) if in_schedule else ratio
-            state["lam"] *= config.growth if steered > target else 1 / config.growth
+            state["lam"] = next_lambda(config, state, layers, ratio, target)
             bar.update(1)
             bar.set_postfix(ratio=f"{ratio:.3f}", target=f"{target:.3f}", lam=f"{state['lam']:.2e}",
                             loss=f"{loss_value:.3f}")
             if progress is not None and state["step"] % config.save_every == 0:
-                _save_progress(accelerator, progress, config, trained, layers, optimizer, state)
+                _save_progress(accelerator, progress, config, trained, layers, optimizer, objective, state)
         bar.close()
     stages.done("pass")
 
@@ -332,20 +327,15 @@ class StageMeter:
         return {"started_at": self.started_at, **self.stages}
 
 
-@torch.no_grad()
-def mask_step(layers: dict[str, SVDLinear], lam: float, lr: float, cap: float) -> None:
-    """mask += lr * (|gate gradient| / its mean over alive masks - lam * d||relu(mask)||_1),
-    capped at `cap` so that no mask winds up beyond what lambda can bring down in time. A layer
-    whose mask got no gradient this step (an expert no token was routed to) is left as it is."""
-    layers = {name: layer for name, layer in layers.items() if layer.mask.grad is not None}
-    if not layers:
-        return
-    grads = torch.cat([layer.mask.grad[layer.alive] for layer in layers.values()])
-    scale = grads.float().abs().mean().clamp_min(1e-20)
-    for layer in layers.values():
-        layer.mask += lr * (layer.mask.grad.abs() / scale - lam * layer.alive)
-        layer.mask.clamp_(max=cap)
-        layer.mask.grad = None
+def next_lambda(config: AcipConfig, state: dict, layers: dict[str, SVDLinear], ratio: float, target: float) -> float:
+    """The controller: grow while the size lags the schedule, shrink while ahead, steered by the
+    lag-free soft size during the schedule and by the real size after it. Or the paper's fixed
+    geometric growth every `lambda_every` steps."""
+    if config.lambda_schedule == "geometric":
+        return state["lam"] * (config.growth if state["step"] % config.lambda_every == 0 else 1.0)
+    in_schedule = state["step"] < config.schedule_fraction * config.max_steps
+    steered = soft_ratio(layers, config.mask_init) if in_schedule else ratio
+    return state["lam"] * (config.growth if steered > target else 1 / config.growth)
 
 
 @contextlib.contextmanager
@@ -377,9 +367,10 @@ def _layer_state(layers: dict[str, SVDLinear]) -> dict:
             for name, layer in layers.items()}
 
 
-def _save_progress(accelerator, path: Path, config, model, layers, optimizer, state) -> None:
+def _save_progress(accelerator, path: Path, config, model, layers, optimizer, objective, state) -> None:
     """Every process takes part (sharded LoRA and optimizer states are gathered); the main one writes."""
     payload = {"config": config.to_dict(), "state": state, "layers": _layer_state(layers),
+               "objective": objective.state_dict(),
                "optimizer": None if optimizer is None else get_optimizer_state_dict(
                    model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))}
     if accelerator.is_main_process:
@@ -392,7 +383,7 @@ def _save_progress(accelerator, path: Path, config, model, layers, optimizer, st
 
 def _load_progress(path: Path, config: AcipConfig) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload["config"] != config.to_dict() or "optimizer" not in payload:  # other settings, or an older format
+    if payload["config"] != config.to_dict() or "objective" not in payload:  # other settings, or an older format
         raise HfCompressError(
             f"{path.parent} holds a pass with other settings; pass --overwrite to start afresh"
         )
