@@ -181,7 +181,8 @@ def _mib(value: int | None) -> str:
 def _settings(about: dict) -> dict:
     info = about["info"]
     keys = (("config", "steps", "final_ratio", "reached_stop_ratio", "num_processes", "uncompressed_expert_params")
-            if about["kind"] == "compressible" else ("method", "size_ratio", "fold", "width_multiple"))
+            if about["kind"] == "compressible"
+            else ("method", "objective", "size_ratio", "speed_overhead_params", "fold", "width_multiple"))
     return {key: info[key] for key in keys if key in info}
 
 

@@ -51,6 +51,7 @@ def test_every_directory_written_has_a_card(tmp_path, tokenizer):
     assert 'from_pretrained("path/to/m", trust_remote_code=True)' in materialized.text
     assert 'from_pretrained("path/to/f")' in folded.text and "trust_remote_code" not in folded.text
     assert materialized.data.tags == ["hf-compress", "acip"] and materialized.data.base_model == "some-org/tiny-llama"
+    assert '"objective": "saliency"' in materialized.text  # which pass objective ranked the values
     assert folded.data.tags == ["hf-compress", "fold"] and "folding is data-free" in folded.text
 
 

@@ -214,6 +214,7 @@ class CompressibleModel:
         recorded = ("source_params", "source_bytes", "dataset", "seq_len", "windows")  # for the model card
         carried = {key: self.summary[key] for key in recorded if key in self.summary}
         mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, method="acip",
+                        objective=self.config.objective,
                         source=self.summary.get("source"), size_ratio=round(params / self.dense_params, 6),
                         target_params=params, target_dense_params=self.dense_params, **carried, **info)
         return model.eval()
