@@ -108,3 +108,18 @@ def test_objective_from_the_cli_is_recorded(monkeypatch, capsys, tmp_path, token
     from hf_compress import CompressibleModel
 
     assert CompressibleModel.from_pretrained(tmp_path / "c").config.objective == "acip"
+
+
+@pytest.mark.parametrize("objective", ["drr", "nuclear"])
+def test_continuous_masks_are_folded_into_the_stored_values(objective):
+    """What the model saw in the pass is what materialize builds: s x mask for alive values."""
+    model = tiny_model()
+    layers = train.inject(model, AcipConfig(basis="plain"), ["model.layers.0.mlp.up_proj"])
+    layer = layers["model.layers.0.mlp.up_proj"]
+    objectives.OBJECTIVES[objective](AcipConfig(objective=objective), layers)
+    with torch.no_grad():
+        layer.mask.copy_(torch.linspace(1.5, 0.1, len(layer.mask)))
+    values = torch.arange(len(layer.s))
+    u, s, vt = layer.factors(values)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(x @ vt.t() * s @ u.t() + (0 if layer.bias is None else layer.bias), layer(x))

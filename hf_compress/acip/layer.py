@@ -105,9 +105,14 @@ class SVDLinear(nn.Module):
         return where[values]
 
     def factors(self, values: torch.Tensor):
-        """(U columns, singular values, Vt rows) of the given values, in that order."""
+        """(U columns, singular values, Vt rows) of the given values, in that order. With a
+        continuous gate an alive value is what the model saw, s x mask; a dead one keeps its
+        singular value, for the larger sizes that bring it back."""
         take = self._positions(values)
-        return full(self.u)[:, take], self.s[values], full(self.v)[:, take].t()
+        s = self.s[values]
+        if self.continuous:
+            s = torch.where(self.alive[values], s * full(self.mask).detach()[values].clamp(min=0), s)
+        return full(self.u)[:, take], s, full(self.v)[:, take].t()
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
