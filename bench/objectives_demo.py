@@ -22,7 +22,7 @@ from hf_compress.acip.config import OBJECTIVES
 from hf_compress.evaluate import perplexity, versions
 
 from _report import save_and_print
-from quantize_demo import out_of_domain_windows
+from quantize_demo import perplexity_splits
 
 HERE = Path(__file__).parent
 
@@ -42,11 +42,7 @@ def main():
     ratios = [float(r) for r in args.ratios.split(",")]
 
     _, tokenizer = hfc.load_model("demo")
-    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="heldout")
-    splits = {"test": heldout[: windows["test"]], "validation": heldout[-windows["validation"]:]}
-    ood = out_of_domain_windows(tokenizer, 512, windows["ood"])
-    if ood is not None:
-        splits["out-of-domain"] = ood
+    splits = perplexity_splits(tokenizer, windows["test"], windows["validation"], windows["ood"])
     data = hfc.calibration_data(tokenizer, "builtin", seq_len=args.seq_len)
 
     results = {"protocol": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": 4, "seed": 0,

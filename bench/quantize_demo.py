@@ -42,6 +42,17 @@ def out_of_domain_windows(tokenizer, seq_len: int, n: int):
         return hfc.calibration_data(tokenizer, str(text), seq_len=seq_len, max_windows=n)
 
 
+def perplexity_splits(tokenizer, test: int, validation: int, out_of_domain: int) -> dict:
+    """512-token windows: test = the first `test` of the builtin held-out split, validation = its
+    last `validation`, out-of-domain = `out_of_domain` of GPL-3 (when Debian ships it)."""
+    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="heldout")
+    splits = {"test": heldout[:test], "validation": heldout[-validation:]}
+    ood = out_of_domain_windows(tokenizer, 512, out_of_domain)
+    if ood is not None:
+        splits["out-of-domain"] = ood
+    return splits
+
+
 def compressible(args, tokenizer):
     """The ACIP pass, loaded from --pass-dir if a previous run left one there."""
     path = Path(args.pass_dir)
@@ -112,11 +123,7 @@ def main():
     torch.manual_seed(0)
 
     _, tokenizer = hfc.load_model("demo")
-    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="heldout")
-    splits = {"test": heldout[: args.test_windows], "validation": heldout[-args.val_windows:]}
-    ood = out_of_domain_windows(tokenizer, 512, args.ood_windows)
-    if ood is not None:
-        splits["out-of-domain"] = ood
+    splits = perplexity_splits(tokenizer, args.test_windows, args.val_windows, args.ood_windows)
     cm, pass_seconds = compressible(args, tokenizer)
 
     timings = {"materialize 0.6, seconds": time.perf_counter()}
