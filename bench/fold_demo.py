@@ -90,7 +90,7 @@ def main():
     wall = time.perf_counter()
 
     model, tokenizer = hfc.load_model("demo")
-    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="heldout",
+    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="test",
                                    max_windows=args.heldout_windows)
     dense_ppl = perplexity(model, heldout)["perplexity"]
     n_blocks = model.config.num_hidden_layers

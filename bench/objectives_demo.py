@@ -1,17 +1,23 @@
-"""Every pruning objective of the pass on the demo model, one seed: held-out perplexity of the
-sizes each pass ranks, and its wall time against the default `saliency` pass.
+"""Every pruning objective of the pass against the baselines on the demo model: one script, one
+run, same data.
 
-Each objective runs one pass with the same data, budget and defaults (no tuning per objective:
-these are the defaults as shipped, chosen so that every objective reaches the stop ratio within
-the budget). Perplexity windows (512 tokens) as in bench/quantize_demo.py: test = the first 8 of
-the builtin held-out split, validation = its last 4, out-of-domain = 4 windows of the GPL-3
-text Debian ships. Writes OUT/objectives_demo.json and prints the Markdown table.
+Rows: the dense model; whitened SVD with every layer cut to the same ratio (uniform); whitened
+SVD with the per-layer ranks the default pass allocates (so the allocation is measured apart from
+the values it keeps); every objective with its shipped defaults, without and with LoRA; the
+default and `acip` over --seeds seeds (mean and spread); and one README-size pass of the default
+(--readme-steps). Every pass has the same calibration windows and budget. Perplexity windows
+(512 tokens, bench/quantize_demo.py): test = the first --test-windows of the builtin test split,
+validation = the last --val-windows of its validation split (the default objective is chosen on
+these), out-of-domain = --ood-windows of the news corpus (in no calibration set). Pass time is
+relative to the default pass of seed 0. Writes OUT/objectives_demo.json, prints the Markdown.
 
-    python bench/objectives_demo.py                    # 5 passes of 60 steps: ~35 min on 2 cores
+    python bench/objectives_demo.py                    # ~85 min on 2 cores
     python bench/objectives_demo.py --quick --out DIR  # a reduced run, so that CI keeps it alive
 """
 
 import argparse
+import math
+import statistics
 import time
 from pathlib import Path
 
@@ -19,59 +25,114 @@ import torch
 
 import hf_compress as hfc
 from hf_compress.acip.config import OBJECTIVES
+from hf_compress.acip.train import svd_compressible
 from hf_compress.evaluate import perplexity, versions
 
 from _report import save_and_print
 from quantize_demo import perplexity_splits
 
 HERE = Path(__file__).parent
+DEFAULT = hfc.AcipConfig().objective
+
+
+def measure(build, ratios, splits) -> dict:
+    """Perplexity of build(ratio) on every split, at every ratio."""
+    return {str(r): {name: round(perplexity(build(r), windows)["perplexity"], 3) for name, windows in splits.items()}
+            for r in ratios}
+
+
+def run_pass(data, ratios, splits, **settings) -> tuple[dict, hfc.CompressibleModel]:
+    model, _ = hfc.load_model("demo")
+    start = time.perf_counter()
+    cm = hfc.acip(model, data, stop_ratio=0.4, batch_size=4, show_progress=False, **settings)
+    record = {"pass_seconds": round(time.perf_counter() - start, 1), "steps": cm.summary["steps"],
+              "final_ratio": round(cm.summary["final_ratio"], 4), "sizes": measure(cm.materialize, ratios, splits)}
+    print(settings, record, flush=True)
+    return record, cm
+
+
+def spread(records: list[dict], ratio: str, split: str) -> str:
+    values = [r["sizes"][ratio][split] for r in records]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--ratios", default="0.9,0.8,0.6,0.4")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the default objective and of acip")
+    parser.add_argument("--readme-steps", type=int, default=60, help="the README's pass of the default (0: skip)")
+    parser.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5,0.4")
+    parser.add_argument("--test-windows", type=int, default=4)
+    parser.add_argument("--val-windows", type=int, default=4)
+    parser.add_argument("--ood-windows", type=int, default=4)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--quick", action="store_true", help="a few steps and windows")
     args = parser.parse_args()
-    windows = dict(test=8, validation=4, ood=4)
     if args.quick:
-        args.steps, args.ratios, windows = 4, "0.6", dict(test=1, validation=1, ood=1)
+        args.objectives, args.steps, args.seeds, args.readme_steps, args.ratios = "saliency,pmmp", 3, 1, 0, "0.6"
+        args.test_windows = args.val_windows = args.ood_windows = 1
     ratios = [float(r) for r in args.ratios.split(",")]
+    objectives = args.objectives.split(",")
 
-    _, tokenizer = hfc.load_model("demo")
-    splits = perplexity_splits(tokenizer, windows["test"], windows["validation"], windows["ood"])
+    model, tokenizer = hfc.load_model("demo")
+    splits = perplexity_splits(tokenizer, args.test_windows, args.val_windows, args.ood_windows)
     data = hfc.calibration_data(tokenizer, "builtin", seq_len=args.seq_len)
+    results = {"protocol": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": 4, "stop_ratio": 0.4,
+                            "lora_rank": args.lora_rank, "calibration": "builtin", "windows_of_512":
+                                {k: len(v) for k, v in splits.items()}},
+               "versions": versions(), "dense": {n: round(perplexity(model, w)["perplexity"], 3)
+                                                 for n, w in splits.items()}, "runs": {}}
 
-    results = {"protocol": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": 4, "seed": 0,
-                            "windows": {k: len(v) for k, v in splits.items()}},
-               "versions": versions(), "objectives": {}}
-    for objective in args.objectives.split(","):
-        model, _ = hfc.load_model("demo")
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        cm = hfc.acip(model, data, objective=objective, max_steps=args.steps, stop_ratio=0.4, batch_size=4)
-        seconds = time.perf_counter() - start
-        record = {"pass_seconds": round(seconds, 1), "steps": cm.summary["steps"],
-                  "final_ratio": round(cm.summary["final_ratio"], 4), "sizes": {}}
-        for ratio in ratios:
-            small = cm.materialize(ratio)
-            record["sizes"][str(ratio)] = {split: round(perplexity(small, w)["perplexity"], 3)
-                                           for split, w in splits.items()}
-        results["objectives"][objective] = record
-        print(objective, record, flush=True)
+    svd = svd_compressible(model, data)
+    results["runs"]["whitened SVD, uniform"] = [{"sizes": measure(
+        lambda r: svd.materialize(ranks=svd.uniform_ranks(r)), ratios, splits)}]
+    allocation = None
+    for objective in [DEFAULT] + [o for o in objectives if o != DEFAULT]:
+        for lora in (0, args.lora_rank):
+            seeds = args.seeds if objective in (DEFAULT, "acip") and not lora else 1
+            name = objective + (f" + LoRA {lora}" if lora else "")
+            results["runs"][name] = []
+            for seed in range(seeds):
+                record, cm = run_pass(data, ratios, splits, objective=objective, max_steps=args.steps,
+                                      lora_rank=lora, seed=seed)
+                results["runs"][name].append(record)
+                if allocation is None:  # the default pass, seed 0: its per-layer ranks on SVD's own values
+                    allocation = cm
+                    results["runs"]["whitened SVD, the default's allocation"] = [{"sizes": measure(
+                        lambda r: svd.materialize(ranks=allocation.ranks_at(r)), ratios, splits)}]
+    if args.readme_steps:
+        record, _ = run_pass(data, ratios, splits, objective=DEFAULT, max_steps=args.readme_steps, seed=0)
+        results["runs"][f"{DEFAULT}, README pass ({args.readme_steps} steps)"] = [record]
 
-    base = results["objectives"].get("saliency", {}).get("pass_seconds")
-    rows = {}
-    for objective, record in results["objectives"].items():
-        cells = [" / ".join(f"{record['sizes'][str(r)][s]:.1f}" for s in splits) for r in ratios]
-        relative = f"{record['pass_seconds'] / base:.2f}x" if base else "-"
-        rows[objective] = cells + [f"{record['steps']} ({record['final_ratio']:.2f})", relative]
+    base = results["runs"][DEFAULT][0]["pass_seconds"]
+    rows = {"dense": [" / ".join(f"{results['dense'][s]:.1f}" for s in ("test", "out-of-domain"))] * len(ratios)
+            + ["-", "-"]}
+    for name, records in results["runs"].items():
+        cells = [" / ".join(spread(records, str(r), s) for s in ("test", "out-of-domain")) for r in ratios]
+        timed = records[0].get("pass_seconds")
+        cells += [f"{records[0]['steps']} ({records[0]['final_ratio']:.2f})" if timed else "-",
+                  f"{statistics.mean(r['pass_seconds'] for r in records) / base:.2f}x" if timed else "-"]
+        rows[name] = cells
+    results["validation"] = validation_ranking(results["runs"], ratios)
     save_and_print(args.out, "objectives_demo", results,
-                   [f"{r} ({' / '.join(splits)})" for r in ratios] + ["steps (final ratio)", "pass time"], rows)
+                   [f"{r} (test / out-of-domain)" for r in ratios] + ["steps (final ratio)", "pass time"], rows)
+    print("\nmean log-perplexity on validation over all sizes (lower is better):")
+    for name, value in results["validation"].items():
+        print(f"  {name}: {value:.3f}")
+
+
+def validation_ranking(runs: dict, ratios) -> dict:
+    """Mean over sizes and seeds of log validation perplexity: how the default is chosen."""
+    scores = {name: statistics.mean(math.log(r["sizes"][str(ratio)]["validation"]) for r in records for ratio in ratios)
+              for name, records in runs.items()}
+    return dict(sorted(scores.items(), key=lambda item: item[1]))
 
 
 if __name__ == "__main__":
+    torch.manual_seed(0)
     main()

@@ -8,16 +8,14 @@ Models: the dense demo in float32 / bfloat16 / int8 / nf4 (and nf4 with bfloat16
 ACIP at several size ratios from one pass (reused from --pass-dir when it holds one) without
 quantization, with int8 and with nf4 (some also in bfloat16), and the default fold with and
 without nf4. Perplexity windows (512 tokens): test = the first --test-windows of the builtin
-held-out split (the windows earlier benchmarks report), validation = its last --val-windows
-(the best combination at each budget is chosen on these), out-of-domain = the GPL-3 text that
-Debian ships (legal English, nothing like the calibration text). Writes OUT/quantize_demo.json
+test split (the windows earlier benchmarks report), validation = the last --val-windows of its
+validation split (the best combination at each budget is chosen on these), out-of-domain =
+the news corpus (ABC news, in no calibration set). Writes OUT/quantize_demo.json
 and OUT/quantize_demo.png and prints the Markdown for docs/BENCHMARKS.md.
 """
 
 import argparse
 import gc
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,27 +28,16 @@ from hf_compress.models import tensor_bytes
 from _report import save_and_print
 
 HERE = Path(__file__).parent
-OUT_OF_DOMAIN = Path("/usr/share/common-licenses/GPL-3")
-
-
-def out_of_domain_windows(tokenizer, seq_len: int, n: int):
-    if not OUT_OF_DOMAIN.is_file():
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(tmp) / "ood.txt"
-        shutil.copy(OUT_OF_DOMAIN, text)
-        return hfc.calibration_data(tokenizer, str(text), seq_len=seq_len, max_windows=n)
 
 
 def perplexity_splits(tokenizer, test: int, validation: int, out_of_domain: int) -> dict:
-    """512-token windows: test = the first `test` of the builtin held-out split, validation = its
-    last `validation`, out-of-domain = `out_of_domain` of GPL-3 (when Debian ships it)."""
-    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="heldout")
-    splits = {"test": heldout[:test], "validation": heldout[-validation:]}
-    ood = out_of_domain_windows(tokenizer, 512, out_of_domain)
-    if ood is not None:
-        splits["out-of-domain"] = ood
-    return splits
+    """512-token windows: test = the first `test` of the builtin test split, validation = the
+    last `validation` of its validation split, out-of-domain = the first `out_of_domain` of the
+    news corpus' test split (news is in no builtin calibration set)."""
+    return {"test": hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="test")[:test],
+            "validation": hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="validation")[-validation:],
+            "out-of-domain": hfc.calibration_data(tokenizer, "builtin:news", seq_len=512, split="test",
+                                                  max_windows=out_of_domain)}
 
 
 def compressible(args, tokenizer):

@@ -26,6 +26,10 @@ QUANTIZE_HELP = "Quantize with bitsandbytes: nf4, fp4 or int8 (embeddings and th
 QUANTIZE_HEAD_HELP = "Quantize the output head too (when it is not tied to the embeddings)."
 SPEED_HELP = ("Keep a layer dense, within the same size, where its two factors would not decode faster than "
               "the matrix on this device (measured, about a second).")
+LOSS_HELP = ("the smallest size whose mean loss on held-aside windows stays within (1 + this) x the dense "
+             "model's, e.g. 0.02 (binary search, materializing in memory).")
+LOSS_DATA_HELP = ("--max-loss-increase: text for the loss; a builtin corpus gives its validation split, other "
+                  "sources their last windows (keep those out of calibration).")
 TRUST_HELP = "Allow a model that ships its own modeling code to run it (as transformers' trust_remote_code)."
 
 
@@ -47,13 +51,13 @@ def _check_ratio(value: float, allow_one: bool = True) -> None:
 def compress(
     model: str = typer.Argument(..., help=MODEL_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="Compressible directory to write."),
-    dataset: str = typer.Option("builtin", help="Calibration text: 'builtin', a .txt/.jsonl/.parquet file, or a Hub dataset id."),
+    dataset: str = typer.Option("builtin", help="Calibration text: 'builtin' (or builtin:pydoc|wiki|news|mix, offline), a .txt/.jsonl/.parquet file, or a Hub dataset id."),
     dataset_config: Optional[str] = typer.Option(None, help="Hub dataset configuration name."),
     dataset_split: str = typer.Option("train", help="Hub dataset split."),
     text_column: str = typer.Option("text", help="Column holding the text (.jsonl, .parquet, Hub)."),
     stop_ratio: float = typer.Option(0.4, help="Stop once the targeted layers are this fraction of their size."),
     objective: str = typer.Option("saliency", help="What moves the masks: saliency, acip (the paper's), torque, "
-                                  "drr or nuclear (see docs/ARCHITECTURE.md)."),
+                                  "drr, nuclear or pmmp (see docs/ARCHITECTURE.md)."),
     max_steps: int = typer.Option(200, help="Step budget of the pass."),
     seq_len: int = typer.Option(256, help="Tokens per calibration window."),
     batch_size: int = typer.Option(4, help="Windows per step (global, across processes)."),
@@ -200,6 +204,10 @@ def materialize(
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
     size_ratio: Optional[float] = typer.Option(None, help="Fraction of the targeted parameters to keep, in (0, 1]."),
     max_size: Optional[str] = typer.Option(None, help="Instead of a ratio: the largest model whose weights fit, e.g. 60MB."),
+    max_loss_increase: Optional[float] = typer.Option(None, help="Instead of a ratio: " + LOSS_HELP),
+    dataset: str = typer.Option("builtin", help=LOSS_DATA_HELP),
+    seq_len: int = typer.Option(256, help="--max-loss-increase: tokens per window."),
+    windows: int = typer.Option(8, help="--max-loss-increase: windows the loss is measured on."),
     quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP),
     quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
     speed_aware: bool = typer.Option(False, help=SPEED_HELP),
@@ -214,19 +222,26 @@ def materialize(
     from .io import check_output
     from .models import parse_size
 
-    if (size_ratio is None) == (max_size is None):
-        raise HfCompressError("give exactly one of --size-ratio and --max-size")
+    if sum(x is not None for x in (size_ratio, max_size, max_loss_increase)) != 1:
+        raise HfCompressError("give exactly one of --size-ratio, --max-size and --max-loss-increase")
     if size_ratio is not None:
         _check_ratio(size_ratio)
     max_bytes = None if max_size is None else parse_size(max_size)
     _check_quantize(quantize)
     check_output(output, overwrite)
     compressible = _on_device(CompressibleModel.from_pretrained(path, trust_remote_code), device, dtype)
+    search = None
+    if max_loss_increase is not None:
+        size_ratio, search = _ratio_within_loss(compressible, max_loss_increase, dataset, seq_len, windows, quantize)
     model = compressible.materialize(size_ratio, max_bytes=max_bytes, quantize=quantize, quantize_head=quantize_head,
                                      speed_aware=speed_aware)
+    if search is not None:
+        model.config.hf_compress["loss_budget"] = search
     save_checkpoint(model, compressible.tokenizer, output, overwrite=overwrite)
     info = model.config.hf_compress
     budget = f" (the largest within {max_size})" if max_size else ""
+    if search is not None:
+        budget = f" (the smallest within {max_loss_increase:.1%} of the dense loss on {search['dataset']})"
     if speed_aware:
         budget += (f"; speed-aware: a second matmul call costs as much as reading "
                    f"{info['speed_overhead_params']:,} weights here")
@@ -273,6 +288,26 @@ def _load(model: str, device: str | None, dtype: str | None, trust_remote_code: 
 
     where = resolve_device(device)
     return load_model(model, resolve_dtype(dtype, where), where, trust_remote_code)
+
+
+def _ratio_within_loss(compressible, max_increase: float, dataset: str, seq_len: int, windows: int,
+                       quantize: str | None) -> tuple[float, dict]:
+    """The loss-budget search of `CompressibleModel.ratio_within_loss`, printed as it goes, on
+    windows held aside from calibration: a builtin corpus' validation split, else the last windows."""
+    from .data import builtin_corpus, calibration_data
+
+    split = "validation" if builtin_corpus(dataset) else "calibration"
+    data = calibration_data(compressible.tokenizer, dataset, seq_len=seq_len, split=split)[-windows:]
+    console.print(f"searching the smallest size whose loss is within {max_increase:.1%} of the dense model's "
+                  f"({len(data)} windows of {seq_len} tokens of {dataset}, {split} split)", highlight=False)
+
+    def report(ratio: float, loss: float, fits: bool) -> None:
+        console.print(f"  size ratio {ratio:.2f}: loss {loss:.4f} {'fits' if fits else 'over the limit'}", highlight=False)
+
+    ratio, search = compressible.ratio_within_loss(data, max_increase, quantize, report=report)
+    console.print(f"dense loss {search['dense_loss']:.4f}, limit {search['limit']:.4f}: size ratio {ratio:.2f}",
+                  highlight=False)
+    return ratio, {**search, "dataset": dataset, "split": split, "seq_len": seq_len, "windows": len(data)}
 
 
 def _on_device(compressible, device: str | None, dtype: str | None):
@@ -379,8 +414,10 @@ def info(
 @app.command("eval")
 def evaluate_command(
     path: str = typer.Argument(..., help=f"A compressible directory, a materialized checkpoint, or a model ({MODEL_HELP})"),
-    size_ratios: str = typer.Option("0.4,0.6,0.8,1.0", help="Sizes to evaluate from a compressible directory."),
-    dataset: str = typer.Option("builtin", help="Perplexity text: 'builtin' (its held-out split), a file, or a Hub dataset id."),
+    size_ratios: str = typer.Option("0.4,0.6,0.8,1.0", help="Sizes to evaluate from a compressible directory, or "
+                                    "'auto': the smallest within --max-loss-increase."),
+    max_loss_increase: float = typer.Option(0.02, help="--size-ratios auto: " + LOSS_HELP),
+    dataset: str = typer.Option("builtin", help="Perplexity text: 'builtin' or builtin:pydoc|wiki|news|mix (their test split), a file, or a Hub dataset id."),
     dataset_config: Optional[str] = typer.Option(None, help="Hub dataset configuration name."),
     dataset_split: str = typer.Option("test", help="Hub dataset split."),
     text_column: str = typer.Option("text", help="Column holding the text."),
@@ -404,7 +441,7 @@ def evaluate_command(
     from . import evaluate as ev
     from .acip.compressible import META_FILE
     from .cards import update_card
-    from .data import calibration_data
+    from .data import builtin_corpus, calibration_data
     from .models import resolve_device
 
     task_list = [t for t in (tasks or "").split(",") if t]
@@ -415,9 +452,12 @@ def evaluate_command(
     if (Path(path) / META_FILE).is_file():
         from .acip import CompressibleModel
 
-        ratios = _parse_ratios(size_ratios)
         compressible = _on_device(CompressibleModel.from_pretrained(path, trust_remote_code), device, dtype)
         tokenizer = compressible.tokenizer
+        if size_ratios.strip() == "auto":
+            ratios = [_ratio_within_loss(compressible, max_loss_increase, dataset, seq_len, 8, quantize)[0]]
+        else:
+            ratios = _parse_ratios(size_ratios)
         models = (compressible.materialize(r, quantize=quantize, speed_aware=speed_aware) for r in ratios)
     else:
         if quantize:
@@ -430,7 +470,7 @@ def evaluate_command(
         models = iter([net])
     windows = None
     if not no_perplexity:
-        split = "heldout" if dataset == "builtin" else "calibration"
+        split = "test" if builtin_corpus(dataset) else "calibration"
         windows = calibration_data(tokenizer, dataset, seq_len=seq_len, split=split, max_windows=max_windows,
                                    text_column=text_column, dataset_config=dataset_config,
                                    dataset_split=dataset_split)
@@ -443,7 +483,7 @@ def evaluate_command(
     _print_records(records)
     protocol = {
         "perplexity": None if windows is None else {
-            "dataset": dataset, "split": "heldout" if dataset == "builtin" else dataset_split,
+            "dataset": dataset, "split": "test" if builtin_corpus(dataset) else dataset_split,
             "seq_len": seq_len, "windows": len(windows), "tokens": len(windows) * (seq_len - 1),
             "method": "non-overlapping windows, token-level mean NLL, exp"},
         "tasks": task_list, "limit": limit,

@@ -1,30 +1,125 @@
 """Calibration and evaluation text as fixed-length token windows.
 
-A source is `builtin` (CPython's embedded pydoc topics, ~465k characters of English technical
-prose, split deterministically: first 80% of tokens for calibration, last 20% held out), a local
-`.txt` / `.jsonl` / `.parquet` file, or a Hub dataset id (streamed; a local directory laid out
-like a Hub dataset repository works the same way). Texts are joined with the
-tokenizer's EOS token and cut into non-overlapping windows of `seq_len` tokens, each opening with
-BOS when the tokenizer puts BOS at the start of what it encodes.
+A source is a builtin corpus, a local `.txt` / `.jsonl` / `.parquet` file, or a Hub dataset id
+(streamed; a local directory laid out like a Hub dataset repository works the same way). Texts
+are joined with the tokenizer's EOS token and cut into non-overlapping windows of `seq_len`
+tokens, each opening with BOS when the tokenizer puts BOS at the start of what it encodes.
+
+Builtin corpora ship inside installed packages, so everything works offline:
+- `builtin:pydoc`: CPython's embedded pydoc topics, ~465k characters of technical reference prose;
+- `builtin:wiki`: Wikipedia articles from gensim's test data (markup stripped by mwparserfromhell);
+- `builtin:news`: the Lee corpus of ABC news articles, also from gensim's test data; no builtin
+  calibration set contains it, so its figures measure text the calibration never saw;
+- `builtin:mix`: pydoc and wiki together;
+- `builtin`: the default calibration corpus (DEFAULT_CORPUS).
+Each is split deterministically by tokens: the first 80% for calibration, the next 10% as the
+test split (reported figures only) and the last 10% as the validation split (every default and
+hyperparameter is chosen on it). Other sources are used whole.
 """
 
 from __future__ import annotations
 
+import bz2
+import functools
+import importlib.metadata
+import io
 from pathlib import Path
+from xml.etree import ElementTree
 
 import torch
 
 from .errors import HfCompressError
 
 BUILTIN = "builtin"
-CALIBRATION_FRACTION = 0.8
-SPLITS = ("calibration", "heldout")
+CORPORA = ("pydoc", "wiki", "news", "mix")
+MIX = ("pydoc", "wiki")
+DEFAULT_CORPUS = "pydoc"  # what `builtin` means
+SPLITS = {"calibration": (0.0, 0.8), "test": (0.8, 0.9), "validation": (0.9, 1.0)}  # fractions of the tokens
+GENSIM_DATA = "gensim/test/test_data/"
+WIKI_DUMP = GENSIM_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_CHARS = 500_000  # the first articles up to about the size of the pydoc corpus
 
 
 def builtin_text() -> str:
+    """The pydoc topics, sorted by key and joined with blank lines."""
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _gensim_file(name: str, corpus: str) -> Path:
+    """A file of gensim's test data, found without importing gensim (its data is all we use)."""
+    try:
+        path = Path(importlib.metadata.distribution("gensim").locate_file(GENSIM_DATA + name))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise HfCompressError(f"builtin:{corpus} reads gensim's test data: pip install --no-deps gensim")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def corpus_texts(corpus: str) -> tuple[str, ...]:
+    """The documents of one builtin corpus (not `mix`), in a fixed order."""
+    if corpus == "pydoc":
+        return (builtin_text(),)
+    if corpus == "news":
+        lines = _gensim_file("lee_background.cor", corpus).read_text(encoding="utf-8").splitlines()
+        return tuple(line.strip() for line in lines if line.strip())
+    if corpus == "wiki":
+        return _wiki_articles(_gensim_file(WIKI_DUMP.removeprefix(GENSIM_DATA), corpus))
+    raise HfCompressError(f"unknown builtin corpus '{corpus}': use one of {', '.join(CORPORA)}")
+
+
+def _wiki_articles(dump: Path) -> tuple[str, ...]:
+    """Plain text of the dump's articles (not redirects), references dropped, up to WIKI_CHARS."""
+    import mwparserfromhell
+
+    articles, total = [], 0
+    for _, element in ElementTree.iterparse(io.BytesIO(bz2.decompress(dump.read_bytes()))):
+        if not element.tag.endswith("}page"):
+            continue
+        text = element.findtext("{*}revision/{*}text") or ""
+        if element.findtext("{*}ns") == "0" and not text.lstrip().lower().startswith("#redirect"):
+            code = mwparserfromhell.parse(text)
+            for ref in code.filter_tags(matches=lambda node: str(node.tag).lower() == "ref", recursive=False):
+                code.remove(ref)
+            plain = "\n".join(line.strip() for line in code.strip_code().splitlines() if line.strip())
+            articles.append(plain)
+            total += len(plain)
+        element.clear()
+        if total >= WIKI_CHARS:
+            break
+    return tuple(articles)
+
+
+def builtin_corpus(source: str) -> str | None:
+    """The corpus a `builtin` / `builtin:NAME` source names, or None for other sources."""
+    if source == BUILTIN:
+        return DEFAULT_CORPUS
+    if source.startswith(BUILTIN + ":"):
+        corpus = source.removeprefix(BUILTIN + ":")
+        if corpus not in CORPORA:
+            raise HfCompressError(f"unknown builtin corpus '{source}': use builtin or one of "
+                                  + ", ".join(f"builtin:{c}" for c in CORPORA))
+        return corpus
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _corpus_ids(tokenizer, corpus: str) -> list[int]:
+    """Tokenized once per tokenizer and corpus (each split and source shares it)."""
+    return tokenize_joined(tokenizer, corpus_texts(corpus))
+
+
+def builtin_ids(tokenizer, corpus: str, split: str) -> list[int]:
+    """The tokens of one split of a builtin corpus (for `mix`, each part's split in turn)."""
+    ids = []
+    for part in (MIX if corpus == "mix" else (corpus,)):
+        tokens = _corpus_ids(tokenizer, part)
+        start, end = SPLITS[split]
+        ids += tokens[int(len(tokens) * start):int(len(tokens) * end)]
+    return ids
 
 
 def _local_texts(path: Path, text_column: str) -> list[str]:
@@ -72,26 +167,23 @@ def calibration_data(
 ) -> torch.Tensor:
     """Token windows of shape (n, seq_len) from `source`.
 
-    `split` picks the builtin corpus' calibration or held-out part; other sources are used whole
-    (choose a Hub split with `dataset_split`).
+    `split` picks the calibration, validation or test part of a builtin corpus; other sources
+    are used whole (choose a Hub split with `dataset_split`).
     """
     if split not in SPLITS:
-        raise HfCompressError(f"split must be one of {SPLITS}, not '{split}'")
+        raise HfCompressError(f"split must be one of {tuple(SPLITS)}, not '{split}'")
     if tokenizer is None:
         raise HfCompressError("the model has no tokenizer to turn text into tokens: save one beside its weights")
-    if source == BUILTIN:
-        texts = [builtin_text()]
+    corpus = builtin_corpus(source)
+    if corpus is not None:
+        ids = builtin_ids(tokenizer, corpus, split)
     elif Path(source).is_file():
-        texts = _local_texts(Path(source), text_column)
+        ids = tokenize_joined(tokenizer, _local_texts(Path(source), text_column))
     elif source.endswith((".txt", ".jsonl", ".json", ".parquet")):
         raise HfCompressError(f"data file not found: {source}")
     else:  # a Hub dataset id, or a local dataset directory laid out like one
         max_chars = 8 * seq_len * (max_windows or 4096)  # ~4 characters a token, with margin
-        texts = _hub_texts(source, dataset_config, dataset_split, text_column, max_chars)
-    ids = tokenize_joined(tokenizer, texts)
-    if source == BUILTIN:
-        cut = int(len(ids) * CALIBRATION_FRACTION)
-        ids = ids[:cut] if split == "calibration" else ids[cut:]
+        ids = tokenize_joined(tokenizer, _hub_texts(source, dataset_config, dataset_split, text_column, max_chars))
     bos = leading_bos(tokenizer)
     width = seq_len - len(bos)  # text tokens a window
     n = len(ids) // width if width > 0 else 0

@@ -2,8 +2,9 @@
 
 Perplexity protocol: the text is tokenized and cut into non-overlapping windows of `seq_len`
 tokens (no BOS added, no context carried across windows); perplexity = exp(mean NLL) over every
-predicted token (seq_len - 1 per window). Default: the `builtin` held-out split, 512-token
-windows, all of them.
+predicted token (seq_len - 1 per window). Default: the `builtin` test split, 512-token
+windows, all of them. Bits per byte divide the text's bits by the UTF-8 bytes those tokens
+decode to; the description length adds the bits of the model's weights.
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, show_progress:
         )
         total_nll += nll.item()
         total_tokens += batch[:, 1:].numel()
-    return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens,
-            "windows": len(windows), "seq_len": windows.shape[1]}
+    return {"perplexity": math.exp(total_nll / total_tokens), "loss": total_nll / total_tokens,
+            "bits": total_nll / math.log(2), "tokens": total_tokens, "windows": len(windows), "seq_len": windows.shape[1]}
+
+
+def text_bytes(tokenizer, windows: torch.Tensor) -> int:
+    """UTF-8 bytes of the text the perplexity windows predict (every token after the first)."""
+    return sum(len(tokenizer.decode(row[1:]).encode("utf-8")) for row in windows)
 
 
 # --- lm-eval -------------------------------------------------------------------------------
@@ -134,7 +140,11 @@ def evaluate(model, tokenizer, windows: torch.Tensor | None, tasks: list[str] = 
                                            "model_params", "model_bytes")}
     record["quantization"] = (report["quantization"] or {}).get("method")
     if windows is not None:
-        record["perplexity"] = perplexity(model, windows, batch_size, show_progress=True)["perplexity"]
+        scored = perplexity(model, windows, batch_size, show_progress=True)
+        record["perplexity"] = scored["perplexity"]
+        # Description length (arXiv 2505.17469): the text's bits under the model plus the model's own.
+        record["bits_per_byte"] = scored["bits"] / text_bytes(tokenizer, windows)
+        record["description_length_bits"] = scored["bits"] + 8 * record["model_bytes"]
     if tasks:
         record["tasks"] = lm_eval_tasks(model, tokenizer, list(tasks), batch_size=batch_size, **task_options)
     return record
@@ -174,11 +184,15 @@ def results_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     records = sorted(records, key=lambda r: r["size_ratio"])
     tasks = [(t, m) for t, metrics in records[0].get("tasks", {}).items() for m in metrics]
     with_perplexity = "perplexity" in records[0]
+    with_length = "bits_per_byte" in records[0]  # results files before description lengths lack it
     columns = ["size ratio", "targeted params", "model MiB"] + ["perplexity"] * with_perplexity
+    columns += ["bits/byte", "description length Mbit"] * with_length
     rows = []
     for r in records:
         cells = [f"{r['size_ratio']:.3f}", f"{r['target_params']:,}", f"{r['model_bytes'] / 2**20:.1f}"]
         cells += [f"{r['perplexity']:.3f}"] * with_perplexity
+        if with_length:
+            cells += [f"{r['bits_per_byte']:.4f}", f"{r['description_length_bits'] / 1e6:,.1f}"]
         rows.append(cells + [f"{r['tasks'][t][m]:.4f}" for t, m in tasks])
     return columns + [f"{t} {m}" for t, m in tasks], rows
 
@@ -201,6 +215,8 @@ def plot_curve(records: list[dict], path: str | Path, title: str) -> None:
     series = {}
     if all("perplexity" in r for r in records):
         series["perplexity (lower is better)"] = [r["perplexity"] for r in records]
+    if all("description_length_bits" in r for r in records):
+        series["description length, Mbit (text + model)"] = [r["description_length_bits"] / 1e6 for r in records]
     for task in records[0].get("tasks", {}):
         for metric in records[0]["tasks"][task]:
             series[f"{task} {metric}"] = [r["tasks"][task][metric] for r in records]

@@ -7,20 +7,42 @@ import pytest
 import torch
 
 from hf_compress import HfCompressError, calibration_data
-from hf_compress.data import builtin_text
+from hf_compress.data import CORPORA, DEFAULT_CORPUS, MIX, SPLITS, WIKI_CHARS, builtin_text, corpus_texts
 
 
-def test_builtin_split_is_deterministic_and_disjoint(tokenizer):
-    calibration = calibration_data(tokenizer, "builtin", seq_len=64)
-    heldout = calibration_data(tokenizer, "builtin", seq_len=64, split="heldout")
-    assert torch.equal(calibration, calibration_data(tokenizer, "builtin", seq_len=64))
-    assert calibration.shape[1] == heldout.shape[1] == 64
-    assert 3.5 < len(calibration) / len(heldout) < 4.5  # 80 / 20 by tokens
-    assert not torch.equal(calibration[-1], heldout[0])
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_builtin_splits_are_deterministic_and_disjoint(tokenizer, corpus):
+    source = f"builtin:{corpus}"
+    splits = {split: calibration_data(tokenizer, source, seq_len=64, split=split) for split in SPLITS}
+    assert torch.equal(splits["calibration"], calibration_data(tokenizer, source, seq_len=64))
+    assert 6 < len(splits["calibration"]) / len(splits["test"]) < 10  # 80 / 10 / 10 by tokens
+    assert 0.8 < len(splits["test"]) / len(splits["validation"]) < 1.25
+    windows = {split: {tuple(w.tolist()) for w in data} for split, data in splits.items()}
+    assert not windows["calibration"] & windows["test"] and not windows["test"] & windows["validation"]
+    assert not windows["calibration"] & windows["validation"]
 
 
-def test_builtin_corpus_is_large():
+def test_builtin_is_the_default_corpus_and_the_mix_holds_its_parts(tokenizer):
+    assert torch.equal(calibration_data(tokenizer, "builtin", seq_len=64),
+                       calibration_data(tokenizer, f"builtin:{DEFAULT_CORPUS}", seq_len=64))
+    parts = sum(len(calibration_data(tokenizer, f"builtin:{c}", seq_len=64, split="test")) for c in MIX)
+    assert abs(len(calibration_data(tokenizer, "builtin:mix", seq_len=64, split="test")) - parts) <= len(MIX)
+    news = {tuple(w.tolist()) for w in calibration_data(tokenizer, "builtin:news", seq_len=64)}
+    assert not news & {tuple(w.tolist()) for w in calibration_data(tokenizer, "builtin:mix", seq_len=64)}
+
+
+def test_builtin_corpora_are_real_text():
     assert len(builtin_text()) > 400_000
+    assert sum(map(len, corpus_texts("news"))) > 300_000 and len(corpus_texts("news")) > 250
+    wiki = corpus_texts("wiki")
+    assert sum(map(len, wiki)) > WIKI_CHARS and "{{" not in "".join(wiki) and "[[" not in "".join(wiki)
+
+
+def test_unknown_builtin_corpus_and_split_are_errors(tokenizer):
+    with pytest.raises(HfCompressError, match="unknown builtin corpus 'builtin:poetry'"):
+        calibration_data(tokenizer, "builtin:poetry")
+    with pytest.raises(HfCompressError, match="split must be one of"):
+        calibration_data(tokenizer, "builtin", split="heldout")
 
 
 def test_max_windows(tokenizer):

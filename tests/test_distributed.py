@@ -19,7 +19,7 @@ def run_worker(out: Path, processes: int, **env) -> dict:
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("objective", ["saliency", "torque"])  # its own rule, and one trained by AdamW
+@pytest.mark.parametrize("objective", ["saliency", "torque", "pmmp"])  # its own rule, AdamW, SGD with extra state
 def test_two_processes_give_the_single_process_score_map(tmp_path, objective):
     single = run_worker(tmp_path / "one.pt", 1, OBJECTIVE=objective)
     double = run_worker(tmp_path / "two.pt", 2, OBJECTIVE=objective)

@@ -1,6 +1,7 @@
 """`hf-compress eval`: perplexity, a real lm-eval run on a local task, JSON results, the plot."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -97,3 +98,53 @@ def test_builtin_lm_eval_task_is_offline_and_real(workspace, tokenizer):
 def test_bad_eval_input(monkeypatch, capsys, workspace, args, message):
     assert run(monkeypatch, "eval", workspace / "acip", *args) == 1
     assert message in capsys.readouterr().err
+
+
+def test_description_length_adds_the_text_bits_to_the_model_bits(monkeypatch, workspace, tmp_path):
+    code = run(monkeypatch, "eval", workspace / "model", "--dataset", workspace / "text.txt", "--seq-len", 32,
+               "--output", tmp_path / "r.json")
+    assert code in (0, None)
+    result = json.loads((tmp_path / "r.json").read_text())
+    (record,) = result["results"]
+    text_bits = math.log(record["perplexity"]) * result["protocol"]["perplexity"]["tokens"] / math.log(2)
+    assert record["description_length_bits"] == pytest.approx(text_bits + 8 * record["model_bytes"])
+    assert 0.5 < record["bits_per_byte"] < 8
+
+
+def test_loss_budget_search_finds_the_smallest_size_that_fits(workspace, tokenizer):
+    from hf_compress import CompressibleModel, calibration_data
+
+    compressible = CompressibleModel.from_pretrained(workspace / "acip")
+    windows = calibration_data(tokenizer, str(workspace / "text.txt"), seq_len=32, max_windows=6)
+    ratio, search = compressible.ratio_within_loss(windows, 0.01)
+    tries = {t["size_ratio"]: t for t in search["tries"]}
+    assert tries[ratio]["fits"] and tries[ratio]["loss"] <= search["limit"] == pytest.approx(1.01 * search["dense_loss"])
+    assert ratio == 0.01 or not tries[round(ratio - 0.01, 6)]["fits"]  # the next size down was tried and failed
+    assert len(tries) <= 8  # a binary search over 100 sizes
+    loose, _ = compressible.ratio_within_loss(windows, 0.5)
+    assert loose <= ratio
+
+
+def test_materialize_and_eval_by_loss_budget(monkeypatch, workspace, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = ["--dataset", workspace / "text.txt", "--seq-len", 32]
+    code = run(monkeypatch, "materialize", workspace / "acip", "--max-loss-increase", 0.05, *data, "--windows", 4,
+               "--output", tmp_path / "m")
+    assert code in (0, None)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    budget = model.config.hf_compress["loss_budget"]
+    assert budget["max_increase"] == 0.05 and budget["windows"] == 4 and budget["tries"]
+    chosen = [t["size_ratio"] for t in budget["tries"] if t["fits"]]
+    assert model.config.hf_compress["size_ratio"] <= min(chosen) + 1e-6
+    code = run(monkeypatch, "eval", workspace / "acip", "--size-ratios", "auto", "--max-loss-increase", 0.05, *data,
+               "--output", tmp_path / "r.json")
+    assert code in (0, None)
+    (record,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert record["size_ratio"] <= 1.0
+
+
+def test_materialize_takes_exactly_one_size(monkeypatch, capsys, workspace, tmp_path):
+    code = run(monkeypatch, "materialize", workspace / "acip", "--size-ratio", 0.5, "--max-loss-increase", 0.02,
+               "--output", tmp_path / "m")
+    assert code == 1 and "exactly one of" in capsys.readouterr().err and not (tmp_path / "m").exists()

@@ -113,7 +113,7 @@ def test_default_fold_of_the_demo_beats_magnitude_pruning():
     from hf_compress.evaluate import perplexity
 
     model, tokenizer = hfc.load_model("demo")
-    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=256, split="heldout", max_windows=2)
+    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=256, split="test", max_windows=2)
     folded = hfc.fold(hfc.load_model("demo")[0], ratio=0.9, show_progress=False)
     pruned = hfc.fold(model, ratio=0.9, method="magnitude", show_progress=False)
     assert folded.config.hf_compress["size_ratio"] == pruned.config.hf_compress["size_ratio"] < 0.95

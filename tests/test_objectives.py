@@ -68,8 +68,9 @@ def test_paper_schedule_grows_lambda_every_k_steps():
     assert lambdas[:4] == [1e-3] * 4 and lambdas[4] == pytest.approx(1.01e-3) and lambdas[8] == pytest.approx(1.0201e-3)
 
 
-def test_penalized_pass_resumes_with_its_optimizer(tmp_path, monkeypatch):
-    settings = dict(SETTINGS, objective="torque", save_every=3)
+@pytest.mark.parametrize("objective", ["torque", "pmmp"])
+def test_penalized_pass_resumes_with_its_optimizer(tmp_path, monkeypatch, objective):
+    settings = dict(SETTINGS, objective=objective, save_every=3)
     uninterrupted = acip(tiny_model(), tiny_data(), **settings)
     real_step, calls = objectives.Penalized.step, []
 
@@ -83,7 +84,11 @@ def test_penalized_pass_resumes_with_its_optimizer(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         acip(tiny_model(), tiny_data(), progress_dir=tmp_path, **settings)
     saved = torch.load(tmp_path / train.PROGRESS_FILE, weights_only=False)
-    assert saved["state"]["step"] == 6 and saved["objective"]["optimizer"]["state"]
+    assert saved["state"]["step"] == 6
+    if objective == "torque":  # Adam's moments travel
+        assert saved["objective"]["optimizer"]["state"]
+    else:  # keep probabilities, latent magnitudes and multipliers travel (plain SGD has no state)
+        assert all((t["keep"] < 1).any() and t["multiplier"] > 0 for t in saved["objective"]["tensors"].values())
     monkeypatch.setattr(objectives.Penalized, "step", real_step)
     resumed = acip(tiny_model(), tiny_data(), progress_dir=tmp_path, **settings)
     assert resumed.summary["steps"] == uninterrupted.summary["steps"]
@@ -110,16 +115,39 @@ def test_objective_from_the_cli_is_recorded(monkeypatch, capsys, tmp_path, token
     assert CompressibleModel.from_pretrained(tmp_path / "c").config.objective == "acip"
 
 
-@pytest.mark.parametrize("objective", ["drr", "nuclear"])
-def test_continuous_masks_are_folded_into_the_stored_values(objective):
-    """What the model saw in the pass is what materialize builds: s x mask for alive values."""
+@pytest.mark.parametrize("objective", ["drr", "nuclear", "pmmp"])
+def test_continuous_masks_rank_values_but_keep_their_singular_values(objective):
+    result = acip(tiny_model(), tiny_data(), objective=objective, basis="plain", **SETTINGS)
+    model = tiny_model()
+    for name, factors in result.layers.items():
+        s = torch.linalg.svdvals(model.get_submodule(name).weight.detach().float())
+        gaps = (factors.s[:, None] - s[None, :]).abs().min(dim=1).values
+        assert gaps.max() < 1e-4 * s.max()  # each stored value is one of the layer's singular values
+
+
+def test_pmmp_violation_is_the_expected_squared_gap_to_a_bernoulli_value():
     model = tiny_model()
     layers = train.inject(model, AcipConfig(basis="plain"), ["model.layers.0.mlp.up_proj"])
     layer = layers["model.layers.0.mlp.up_proj"]
-    objectives.OBJECTIVES[objective](AcipConfig(objective=objective), layers)
+    objective = objectives.Pmmp(AcipConfig(objective="pmmp"), layers)
     with torch.no_grad():
-        layer.mask.copy_(torch.linspace(1.5, 0.1, len(layer.mask)))
-    values = torch.arange(len(layer.s))
-    u, s, vt = layer.factors(values)
-    x = torch.randn(3, 64)
-    torch.testing.assert_close(x @ vt.t() * s @ u.t() + (0 if layer.bias is None else layer.bias), layer(x))
+        layer.mask.uniform_(0, 1)
+        objective.keep[id(layer)].uniform_(0, 1)
+        objective.latent[id(layer)].uniform_(0, 2)
+    a, p, w = layer.mask.detach(), objective.keep[id(layer)].detach(), objective.latent[id(layer)].detach()
+    expected = p * (a - w) ** 2 + (1 - p) * a**2  # E[(a - w z)^2] with z = 1 w.p. p, else 0
+    torch.testing.assert_close(objective.violation(layer).detach(), expected)
+    assert torch.equal(objective.importance(layer), p) and not objective.dying(layer).any()
+
+
+def test_nuclear_descends_on_the_values_so_small_values_move_most():
+    model = tiny_model()
+    layers = train.inject(model, AcipConfig(basis="plain"), ["model.layers.0.mlp.up_proj"])
+    layer = layers["model.layers.0.mlp.up_proj"]
+    objective = objectives.Nuclear(AcipConfig(objective="nuclear", max_steps=100), layers)
+    objective.scale = 1e-3 / float(layer.s.mean())  # the penalty's pull: about the task's at the mean value
+    layer.mask.grad = torch.full_like(layer.mask, 1e-3)
+    before = layer.mask.detach().clone()
+    objective.step(layers, lam=1.0)
+    moved = before - layer.mask.detach()  # values sorted largest first
+    assert (moved[1:] >= moved[:-1] - 1e-7).all() and moved[-1] > 2 * moved[0] > 0

@@ -188,6 +188,40 @@ class CompressibleModel:
         model.materialize_seconds = time.perf_counter() - start
         return model
 
+    def ratio_within_loss(self, windows: torch.Tensor, max_increase: float, quantize: str | None = None,
+                          resolution: float = 0.01, report=None) -> tuple[float, dict]:
+        """The smallest size ratio (on a grid of `resolution`) whose mean loss on `windows`, held
+        aside from calibration, stays within (1 + max_increase) x the dense model's: TAMADE's idea
+        (arXiv 2505.17469). Binary search over materializations in memory (loss grows as the size
+        shrinks); `report(ratio, loss, fits)` sees each try. Returns the ratio and the search."""
+        from ..evaluate import perplexity
+
+        if not 0 < max_increase < 10:
+            raise HfCompressError(f"the loss increase must be in (0, 10), got {max_increase}")
+        dense = perplexity(self.base_model, windows)["loss"]
+        limit = (1 + max_increase) * dense
+        search = {"dense_loss": dense, "limit": limit, "max_increase": max_increase, "tries": []}
+
+        def fits(step: int) -> bool:
+            ratio = round(step * resolution, 6)
+            try:
+                loss = perplexity(self.materialize(ratio, quantize=quantize), windows)["loss"]
+            except HfCompressError:  # below the smallest model this pass can make
+                loss = float("inf")
+            search["tries"].append({"size_ratio": ratio, "loss": loss, "fits": loss <= limit})
+            if report is not None:
+                report(ratio, loss, loss <= limit)
+            return loss <= limit
+
+        lo, hi = 1, round(1 / resolution)
+        if not fits(hi):
+            raise HfCompressError(f"even size ratio 1.0{f' with {quantize}' if quantize else ''} loses more "
+                                  f"than {max_increase:.1%} on these windows")
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+        return round(hi * resolution, 6), search
+
     def speed_overhead(self) -> int:
         """The time of one extra matmul call, in weights, where this model materializes."""
         parameter = next(self.base_model.parameters())

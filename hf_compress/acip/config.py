@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import HfCompressError
 
 BASES = ("whitened", "plain")
-OBJECTIVES = ("saliency", "acip", "torque", "drr", "nuclear")  # acip/objectives.py: one class each
+OBJECTIVES = ("saliency", "acip", "torque", "drr", "nuclear", "pmmp")  # acip/objectives.py: one class each
 LAMBDA_SCHEDULES = ("controller", "geometric")
 
 

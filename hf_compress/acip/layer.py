@@ -105,14 +105,12 @@ class SVDLinear(nn.Module):
         return where[values]
 
     def factors(self, values: torch.Tensor):
-        """(U columns, singular values, Vt rows) of the given values, in that order. With a
-        continuous gate an alive value is what the model saw, s x mask; a dead one keeps its
-        singular value, for the larger sizes that bring it back."""
+        """(U columns, singular values, Vt rows) of the given values, in that order. Continuous
+        masks rank values but are not folded in: on the demo the trained s x mask made worse
+        models than the original values, at the pass's final size and far worse above it, where
+        dead values come back beside shrunken alive ones (docs/BENCHMARKS.md)."""
         take = self._positions(values)
-        s = self.s[values]
-        if self.continuous:
-            s = torch.where(self.alive[values], s * full(self.mask).detach()[values].clamp(min=0), s)
-        return full(self.u)[:, take], s, full(self.v)[:, take].t()
+        return full(self.u)[:, take], self.s[values], full(self.v)[:, take].t()
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -130,12 +128,10 @@ class SVDLinear(nn.Module):
         return y
 
     @torch.no_grad()
-    def update_scores(self, importance: torch.Tensor | None = None) -> None:
-        """After an optimizer step: alive values score their `importance` (default: the mask), a
-        value whose mask reached 0 scores 0, and every dead score then drops by 1, so the earlier
-        a value died the lower it ranks."""
-        died = self.alive & (self.mask <= 0)
-        importance = self.mask if importance is None else importance
+    def update_scores(self, importance: torch.Tensor, died: torch.Tensor) -> None:
+        """After an optimizer step: alive values score their `importance`, those that `died` now
+        score 0, and every dead score then drops by 1, so the earlier a value died the lower it ranks."""
+        died = self.alive & died
         self.score.copy_(torch.where(self.alive, importance, self.score))
         self.score[died] = 0.0
         self.alive &= ~died

@@ -9,7 +9,8 @@ shrinks on schedule. A value dies when its mask reaches 0; alive values score
 
 Two kinds of gate: straight-through (the model sees 1 while the mask is positive and the mask
 gets the gradient of that 1) for `saliency`, `acip`, `torque`; continuous (the model sees the
-mask itself, multiplying its singular value) for `drr` and `nuclear`.
+mask itself, multiplying its singular value) for `drr`, `nuclear` and `pmmp`. Either way the
+pass only ranks: every size is materialized from the original singular values.
 
 Units of `lam`: under the controller (the default) every penalty is rescaled once, at the first
 step, so that its mean gradient per alive mask equals the mean |task gradient| per alive mask:
@@ -43,11 +44,27 @@ class Objective:
         """What an alive value scores (higher: kept longer)."""
         return layer.mask
 
+    def fullness(self, layer: SVDLinear) -> torch.Tensor:
+        """How far each value is from dying, 1 at the start and 0 at death: the soft size the
+        controller steers by counts values by it."""
+        death = CONTINUOUS_DEATH if self.continuous else 0.0
+        return ((layer.mask / self.config.mask_init - death) / (1 - death)).clamp(min=0)
+
+    def dying(self, layer: SVDLinear) -> torch.Tensor:
+        """Which values die now. A straight-through value dies at mask 0; a continuous one once its
+        gate falls below CONTINUOUS_DEATH of its start, where removing it changes the layer by
+        no more than that fraction of the value (it would otherwise hover near 0 for long)."""
+        death = CONTINUOUS_DEATH if self.continuous else 0.0
+        return layer.mask <= death * self.config.mask_init
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+CONTINUOUS_DEATH = 0.05
 
 
 def with_gradient(layers: dict[str, SVDLinear]) -> list[SVDLinear]:
@@ -82,21 +99,53 @@ class Saliency(Objective):
 
 
 FRACTION = 0.25
+CLIP = 3.0  # continuous masks: a step moves a mask by at most 3 x lr (it can die in a third of the budget)
 
 
 class Penalized(Objective):
-    """Masks trained by AdamW on the task loss plus lam x a penalty on the masks (`penalty`)."""
+    """Masks (and whatever else `trained` names) trained on the task loss plus lam x `penalty`.
+
+    Straight-through masks train by AdamW: its steps are about lr whatever the gradient's size,
+    which costs nothing while the model sees 1. A continuous mask is what the model sees, so it
+    moves by plain gradient descent on gradients normalized by this step's mean |task gradient|
+    (as `saliency` does), slowly (a whole budget per mask_init at the mean gradient), each
+    normalized gradient clipped to +-CLIP and each mask capped at its start: near a pretrained
+    minimum a batch's gradient is mostly noise with heavy tails, and larger steps are a random
+    walk that wrecks the model long before anything dies.
+    """
 
     def __init__(self, config: AcipConfig, layers: dict[str, SVDLinear]):
         super().__init__(config, layers)
-        self.masks = [layer.mask for layer in layers.values()]
-        self.optimizer = torch.optim.AdamW(self.masks, lr=self.learning_rate(config), betas=self.betas(config),
-                                           weight_decay=0.0)
+        trained = [t for layer in layers.values() for t in self.trained(layer)]
+        if self.continuous:
+            self.optimizer = torch.optim.SGD(trained, lr=config.mask_lr or config.mask_init / config.max_steps)
+        else:
+            self.optimizer = torch.optim.AdamW(trained, lr=self.learning_rate(config), betas=self.betas(config),
+                                               weight_decay=0.0)
         self.scale = None if config.lambda_schedule == "controller" else 1.0
+
+    def trained(self, layer: SVDLinear) -> list[torch.Tensor]:
+        return [layer.mask]
 
     def penalty(self, layer: SVDLinear) -> torch.Tensor:
         """This layer's penalty on its alive masks (differentiable)."""
         raise NotImplementedError
+
+    def loss(self, reached: list[SVDLinear], lam: float) -> torch.Tensor:
+        """What the objective adds to the task loss, in the controller's units."""
+        return lam * self.scale * sum(self.penalty(layer) for layer in reached)
+
+    def pull(self, reached: list[SVDLinear]) -> torch.Tensor:
+        """Mean |gradient| of the penalty per alive mask, at lam = 1 unscaled."""
+        grads = torch.autograd.grad(sum(self.penalty(layer) for layer in reached), [l.mask for l in reached])
+        return torch.cat([g[layer.alive] for g, layer in zip(grads, reached)]).abs().mean()
+
+    def precondition(self, layer: SVDLinear) -> torch.Tensor | float:
+        """Continuous masks: what their gradients are multiplied by before normalization."""
+        return 1.0
+
+    def after_step(self, reached: list[SVDLinear]) -> None:
+        """Called after the optimizer's step, to keep what it moved in range."""
 
     @staticmethod
     def betas(config: AcipConfig) -> tuple[float, float]:
@@ -114,18 +163,21 @@ class Penalized(Objective):
         reached = with_gradient(layers)
         if not reached:
             return
+        task = torch.cat([layer.mask.grad[layer.alive] for layer in reached]).abs().mean().clamp_min(1e-20)
         with torch.enable_grad():
-            penalty = sum(self.penalty(layer) for layer in reached)
-            grads = torch.autograd.grad(penalty, [layer.mask for layer in reached])
-        if self.scale is None:  # once: lam = 1 pulls as hard as the data pushes, on average
-            alive = [layer.alive for layer in reached]
-            task = torch.cat([layer.mask.grad[a] for layer, a in zip(reached, alive)]).abs().mean()
-            pull = torch.cat([g[a] for g, a in zip(grads, alive)]).abs().mean()
-            self.scale = float(task / pull.clamp_min(1e-20))
+            if self.scale is None:  # once: lam = 1 pulls as hard as the data pushes, on average
+                self.scale = float(task / self.pull(reached).clamp_min(1e-20))
+            trained = [t for layer in reached for t in self.trained(layer)]
+            grads = torch.autograd.grad(self.loss(reached, lam), trained, allow_unused=True)
         with torch.no_grad():
-            for layer, grad in zip(reached, grads):
-                layer.mask.grad += lam * self.scale * grad
-        self.optimizer.step()  # masks without a gradient are skipped
+            masks = {id(layer.mask): self.precondition(layer) for layer in reached}
+            for tensor, grad in zip(trained, grads):
+                grad = torch.zeros_like(tensor) if grad is None else grad
+                tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+                if self.continuous:
+                    tensor.grad = (tensor.grad * masks.get(id(tensor), 1.0) / task).clamp(-CLIP, CLIP)
+            self.optimizer.step()  # masks without a gradient are skipped
+            self.after_step(reached)
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
@@ -182,8 +234,12 @@ class Nuclear(Penalized):
     """Smooth nuclear-norm compression (arXiv 2505.24469): the singular values themselves train
     (each is s_i * mask_i, the mask continuous, starting at 1) under lam * their L1 norm, i.e. the
     nuclear norm in the fixed orthonormal basis, plus optionally `nuclear_smoothness` x the
-    squared first differences of the trained spectrum (normalized by the largest value). Values
-    rank by their trained magnitude s_i * mask_i."""
+    squared first differences of the trained spectrum (normalized by the largest value). The
+    descent is on the values themselves (a mask's gradient is multiplied by (mean s / s_i)^2,
+    the layer's mean singular value keeping the step's unit), so like the
+    nuclear norm's proximal step it takes about the same amount off every value and small values
+    die first, instead of every value shrinking by the same fraction. Values rank by their
+    trained magnitude s_i * mask_i."""
 
     name = "nuclear"
     continuous = True
@@ -196,11 +252,78 @@ class Nuclear(Penalized):
             penalty = penalty + self.config.nuclear_smoothness * spectrum.diff().pow(2).sum()
         return penalty
 
+    def precondition(self, layer: SVDLinear) -> torch.Tensor:
+        return (layer.s.mean() / layer.s.clamp_min(1e-6 * float(layer.s.max()))) ** 2
+
     def importance(self, layer: SVDLinear) -> torch.Tensor:
         return (layer.s * layer.mask).abs()
 
 
-OBJECTIVES = {cls.name: cls for cls in (Saliency, Acip, Torque, Drr, Nuclear)}
+class Pmmp(Penalized):
+    """PMMP, probabilistic minimax pruning (Barth & von Petersenn, arXiv 2505.17469), without
+    Monte-Carlo sampling. Each value has a keep probability p in [0, 1] and a latent magnitude w
+    beside its continuous gate a (what the model uses); per layer a multiplier u >= 0 enforces
+    that a behaves like w z with z ~ Bernoulli(p) (u starts at 1, in units of the data's pull):
+        min over (a, w, p), max over u of  L + lam sum p + u sum[(a - w p)^2 + w^2 p (1 - p)].
+    The bracket is E[(a - w z)^2]: it pulls a towards w p and p towards 0 or 1. u rises by the
+    layer's mean violation each step (gradient ascent); values rank by p and die at p = 0."""
+
+    name = "pmmp"
+    continuous = True
+
+    def __init__(self, config: AcipConfig, layers: dict[str, SVDLinear]):
+        self.keep = {id(l): torch.ones_like(l.mask, requires_grad=True) for l in layers.values()}
+        self.latent = {id(l): torch.full_like(l.mask, config.mask_init, requires_grad=True) for l in layers.values()}
+        self.multiplier = {id(l): torch.ones((), device=l.mask.device) for l in layers.values()}
+        self.names = {id(layer): name for name, layer in layers.items()}
+        super().__init__(config, layers)
+
+    def trained(self, layer: SVDLinear) -> list[torch.Tensor]:
+        return [layer.mask, self.keep[id(layer)], self.latent[id(layer)]]
+
+    def violation(self, layer: SVDLinear) -> torch.Tensor:
+        a, p, w = layer.mask, self.keep[id(layer)], self.latent[id(layer)]
+        return ((a - w * p) ** 2 + w**2 * p * (1 - p))[layer.alive] / self.config.mask_init**2
+
+    def loss(self, reached: list[SVDLinear], lam: float) -> torch.Tensor:
+        return self.scale * sum(lam * self.keep[id(l)][l.alive].sum() + self.multiplier[id(l)] * self.violation(l).sum()
+                                for l in reached)
+
+    def pull(self, reached: list[SVDLinear]) -> torch.Tensor:
+        return torch.tensor(1.0)  # d(sum p)/dp: lam pulls each keep probability by lam
+
+    def after_step(self, reached: list[SVDLinear]) -> None:
+        super().after_step(reached)
+        for layer in reached:
+            self.keep[id(layer)].clamp_(0, 1)
+            self.latent[id(layer)].clamp_(min=0)
+            self.multiplier[id(layer)] += self.violation(layer).mean()
+
+    def importance(self, layer: SVDLinear) -> torch.Tensor:
+        return self.keep[id(layer)].detach().clone()
+
+    def fullness(self, layer: SVDLinear) -> torch.Tensor:
+        return self.keep[id(layer)].detach()
+
+    def dying(self, layer: SVDLinear) -> torch.Tensor:
+        return self.keep[id(layer)].detach() <= 0
+
+    def state_dict(self) -> dict:
+        tensors = {self.names[key]: {"keep": self.keep[key].detach().cpu(), "latent": self.latent[key].detach().cpu(),
+                                     "multiplier": self.multiplier[key].cpu()} for key in self.keep}
+        return {**super().state_dict(), "tensors": tensors}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for key, name in self.names.items():
+            saved = state["tensors"][name]
+            self.keep[key].copy_(saved["keep"])
+            self.latent[key].copy_(saved["latent"])
+            self.multiplier[key].copy_(saved["multiplier"])
+
+
+OBJECTIVES = {cls.name: cls for cls in (Saliency, Acip, Torque, Drr, Nuclear, Pmmp)}
 assert tuple(OBJECTIVES) == NAMES  # the names the config accepts
 
 

@@ -57,14 +57,14 @@ def size_ratio(layers: dict[str, SVDLinear]) -> float:
 
 
 @torch.no_grad()
-def soft_ratio(layers: dict[str, SVDLinear], cap: float) -> float:
-    """Factor size counting each alive value by how full its mask is (mask / its initial value,
-    at least 0), without the dense cap. It moves as soon as masks start to fall, well before
-    they die (and the capped size ratio does not move until a layer drops below its cap), so
-    lambda is steered by it without lag; masks that noise pushes up count as much as those it
-    pushes down, so noise alone does not move it."""
+def soft_ratio(layers: dict[str, SVDLinear], objective) -> float:
+    """Factor size counting each alive value by its `objective.fullness` (1 at the start, 0 at
+    death), without the dense cap. It moves as soon as masks start to fall, well before they die
+    (and the capped size ratio does not move until a layer drops below its cap), so lambda is
+    steered by it without lag; masks that noise pushes up count as much as those it pushes down,
+    so noise alone does not move it."""
     kept = sum(
-        float(((layer.mask / cap).clamp(min=0) * layer.alive).sum()) * (layer.shape.in_features + layer.shape.out_features)
+        float((objective.fullness(layer) * layer.alive).sum()) * (layer.shape.in_features + layer.shape.out_features)
         for layer in layers.values()
     )
     return kept / sum(layer.shape.dense_params for layer in layers.values())
@@ -192,7 +192,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
     optimizer = torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0) if loras else None
     state = {"step": 0, "lam": config.lambda_init, "history": [],
-             "start_soft_ratio": soft_ratio(layers, config.mask_init)}
+             "start_soft_ratio": soft_ratio(layers, objective)}
     if saved is not None:
         state = saved["state"]
         if optimizer is not None:
@@ -221,14 +221,14 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for layer in layers.values():
-                layer.update_scores(objective.importance(layer))
+                layer.update_scores(objective.importance(layer), objective.dying(layer))
             state["step"] += 1
             ratio = size_ratio(layers)
             target = config.target_ratio(state["step"], state["start_soft_ratio"])
             loss_value = accelerator.reduce(loss.detach(), "mean").item()
             state["history"].append({"step": state["step"], "size_ratio": round(ratio, 5), "lambda": state["lam"],
                                      "loss": round(loss_value, 4), "seconds": round(time.perf_counter() - started, 3)})
-            state["lam"] = next_lambda(config, state, layers, ratio, target)
+            state["lam"] = next_lambda(config, state, soft_ratio(layers, objective), ratio, target)
             bar.update(1)
             bar.set_postfix(ratio=f"{ratio:.3f}", target=f"{target:.3f}", lam=f"{state['lam']:.2e}",
                             loss=f"{loss_value:.3f}")
@@ -327,14 +327,14 @@ class StageMeter:
         return {"started_at": self.started_at, **self.stages}
 
 
-def next_lambda(config: AcipConfig, state: dict, layers: dict[str, SVDLinear], ratio: float, target: float) -> float:
+def next_lambda(config: AcipConfig, state: dict, soft: float, ratio: float, target: float) -> float:
     """The controller: grow while the size lags the schedule, shrink while ahead, steered by the
     lag-free soft size during the schedule and by the real size after it. Or the paper's fixed
     geometric growth every `lambda_every` steps."""
     if config.lambda_schedule == "geometric":
         return state["lam"] * (config.growth if state["step"] % config.lambda_every == 0 else 1.0)
     in_schedule = state["step"] < config.schedule_fraction * config.max_steps
-    steered = soft_ratio(layers, config.mask_init) if in_schedule else ratio
+    steered = soft if in_schedule else ratio
     return state["lam"] * (config.growth if steered > target else 1 / config.growth)
 
 
