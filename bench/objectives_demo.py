@@ -63,10 +63,11 @@ def main():
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-rank", type=int, default=8, help="the LoRA rows' rank (0: no LoRA rows)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the default objective and of acip")
     parser.add_argument("--readme-steps", type=int, default=60, help="the README's pass of the default (0: skip)")
     parser.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5,0.4")
+    parser.add_argument("--calibration", default="builtin", help="calibration source of every pass and baseline")
     parser.add_argument("--test-windows", type=int, default=4)
     parser.add_argument("--val-windows", type=int, default=4)
     parser.add_argument("--ood-windows", type=int, default=4)
@@ -81,9 +82,9 @@ def main():
 
     model, tokenizer = hfc.load_model("demo")
     splits = perplexity_splits(tokenizer, args.test_windows, args.val_windows, args.ood_windows)
-    data = hfc.calibration_data(tokenizer, "builtin", seq_len=args.seq_len)
+    data = hfc.calibration_data(tokenizer, args.calibration, seq_len=args.seq_len)
     results = {"protocol": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": 4, "stop_ratio": 0.4,
-                            "lora_rank": args.lora_rank, "calibration": "builtin", "windows_of_512":
+                            "lora_rank": args.lora_rank, "calibration": args.calibration, "windows_of_512":
                                 {k: len(v) for k, v in splits.items()}},
                "versions": versions(), "dense": {n: round(perplexity(model, w)["perplexity"], 3)
                                                  for n, w in splits.items()}, "runs": {}}
@@ -93,7 +94,7 @@ def main():
         lambda r: svd.materialize(ranks=svd.uniform_ranks(r)), ratios, splits)}]
     allocation = None
     for objective in [DEFAULT] + [o for o in objectives if o != DEFAULT]:
-        for lora in (0, args.lora_rank):
+        for lora in sorted({0, args.lora_rank}):  # --lora-rank 0: no LoRA rows
             seeds = args.seeds if objective in (DEFAULT, "acip") and not lora else 1
             name = objective + (f" + LoRA {lora}" if lora else "")
             results["runs"][name] = []

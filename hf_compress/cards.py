@@ -183,7 +183,13 @@ def _settings(about: dict) -> dict:
     keys = (("config", "steps", "final_ratio", "reached_stop_ratio", "num_processes", "uncompressed_expert_params")
             if about["kind"] == "compressible"
             else ("method", "objective", "size_ratio", "speed_overhead_params", "fold", "width_multiple"))
-    return {key: info[key] for key in keys if key in info}
+    settings = {key: info[key] for key in keys if key in info}
+    if "loss_budget" in info:  # materialize --max-loss-increase
+        budget = info["loss_budget"]
+        settings["size chosen by"] = (f"the smallest size whose loss stays within {budget['max_increase']:.1%} of the "
+                                      f"dense model's ({budget['dense_loss']:.4f}) on {budget['windows']} windows of "
+                                      f"{budget['seq_len']} tokens of {budget['dataset']} ({budget['split']} split)")
+    return settings
 
 
 def _calibration(info: dict) -> str | None:

@@ -87,7 +87,7 @@ def test_what_cannot_compose_says_why(monkeypatch, capsys, source, tmp_path):
                     ("fold", tmp_path / "q", "--ratio", 0.5, "--output", tmp_path / "f2"),
                     ("quantize", tmp_path / "q", "--output", tmp_path / "q2")):
         assert "quantized" in refused(monkeypatch, capsys, *command)
-    assert "exactly one of --size-ratio and --max-size" in refused(
+    assert "exactly one of --size-ratio, --max-size and --max-loss-increase" in refused(
         monkeypatch, capsys, "materialize", compressible, "--output", tmp_path / "x")
     assert "size must look like" in refused(
         monkeypatch, capsys, "materialize", compressible, "--max-size", "lots", "--output", tmp_path / "x")

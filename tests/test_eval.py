@@ -137,6 +137,7 @@ def test_materialize_and_eval_by_loss_budget(monkeypatch, workspace, tmp_path):
     assert budget["max_increase"] == 0.05 and budget["windows"] == 4 and budget["tries"]
     chosen = [t["size_ratio"] for t in budget["tries"] if t["fits"]]
     assert model.config.hf_compress["size_ratio"] <= min(chosen) + 1e-6
+    assert "the smallest size whose loss stays within 5.0%" in (tmp_path / "m" / "README.md").read_text()
     code = run(monkeypatch, "eval", workspace / "acip", "--size-ratios", "auto", "--max-loss-increase", 0.05, *data,
                "--output", tmp_path / "r.json")
     assert code in (0, None)
