@@ -474,10 +474,11 @@ def evaluate_command(
         windows = calibration_data(tokenizer, dataset, seq_len=seq_len, split=split, max_windows=max_windows,
                                    text_column=text_column, dataset_config=dataset_config,
                                    dataset_split=dataset_split)
+    windows_bytes = None if windows is None else ev.text_bytes(tokenizer, windows)
     records = []
     for model in models:
         record = ev.evaluate(model, tokenizer, windows, task_list, include_path=include_path, limit=limit,
-                             batch_size=batch_size)
+                             batch_size=batch_size, windows_bytes=windows_bytes)
         records.append(record)
         console.print(f"size ratio {record['size_ratio']:.3f}: " + _summarize(record), highlight=False)
     _print_records(records)

@@ -36,7 +36,7 @@ MIX = ("pydoc", "wiki")
 DEFAULT_CORPUS = "pydoc"  # what `builtin` means
 SPLITS = {"calibration": (0.0, 0.8), "test": (0.8, 0.9), "validation": (0.9, 1.0)}  # fractions of the tokens
 GENSIM_DATA = "gensim/test/test_data/"
-WIKI_DUMP = GENSIM_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKI_CHARS = 500_000  # the first articles up to about the size of the pydoc corpus
 
 
@@ -67,7 +67,7 @@ def corpus_texts(corpus: str) -> tuple[str, ...]:
         lines = _gensim_file("lee_background.cor", corpus).read_text(encoding="utf-8").splitlines()
         return tuple(line.strip() for line in lines if line.strip())
     if corpus == "wiki":
-        return _wiki_articles(_gensim_file(WIKI_DUMP.removeprefix(GENSIM_DATA), corpus))
+        return _wiki_articles(_gensim_file(WIKI_DUMP, corpus))
     raise HfCompressError(f"unknown builtin corpus '{corpus}': use one of {', '.join(CORPORA)}")
 
 

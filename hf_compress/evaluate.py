@@ -133,8 +133,9 @@ def _task_manager(include_path: str | None):
 
 
 def evaluate(model, tokenizer, windows: torch.Tensor | None, tasks: list[str] = (), batch_size: int = 4,
-             **task_options) -> dict:
-    """Perplexity and task metrics of one model, with its size."""
+             windows_bytes: int | None = None, **task_options) -> dict:
+    """Perplexity and task metrics of one model, with its size; `windows_bytes` (the
+    `text_bytes` of the windows) saves decoding them again for every size of a sweep."""
     report = size_report(model)
     record = {key: report[key] for key in ("size_ratio", "target_params", "target_dense_params",
                                            "model_params", "model_bytes")}
@@ -143,7 +144,7 @@ def evaluate(model, tokenizer, windows: torch.Tensor | None, tasks: list[str] = 
         scored = perplexity(model, windows, batch_size, show_progress=True)
         record["perplexity"] = scored["perplexity"]
         # Description length (arXiv 2505.17469): the text's bits under the model plus the model's own.
-        record["bits_per_byte"] = scored["bits"] / text_bytes(tokenizer, windows)
+        record["bits_per_byte"] = scored["bits"] / (windows_bytes or text_bytes(tokenizer, windows))
         record["description_length_bits"] = scored["bits"] + 8 * record["model_bytes"]
     if tasks:
         record["tasks"] = lm_eval_tasks(model, tokenizer, list(tasks), batch_size=batch_size, **task_options)

@@ -26,6 +26,9 @@ from .config import OBJECTIVES as NAMES, AcipConfig
 from .layer import SVDLinear
 
 
+CONTINUOUS_DEATH = 0.05
+
+
 class Objective:
     """One pruning objective; subclasses set `name`, `continuous` and implement `step`."""
 
@@ -44,27 +47,27 @@ class Objective:
         """What an alive value scores (higher: kept longer)."""
         return layer.mask
 
+    @property
+    def death(self) -> float:
+        """The mask, as a fraction of its start, at which a value dies. A straight-through value
+        dies at 0; a continuous one below CONTINUOUS_DEATH, where removing it changes the layer by
+        no more than that fraction of the value (it would otherwise hover near 0 for long)."""
+        return CONTINUOUS_DEATH if self.continuous else 0.0
+
     def fullness(self, layer: SVDLinear) -> torch.Tensor:
         """How far each value is from dying, 1 at the start and 0 at death: the soft size the
         controller steers by counts values by it."""
-        death = CONTINUOUS_DEATH if self.continuous else 0.0
-        return ((layer.mask / self.config.mask_init - death) / (1 - death)).clamp(min=0)
+        return ((layer.mask / self.config.mask_init - self.death) / (1 - self.death)).clamp(min=0)
 
     def dying(self, layer: SVDLinear) -> torch.Tensor:
-        """Which values die now. A straight-through value dies at mask 0; a continuous one once its
-        gate falls below CONTINUOUS_DEATH of its start, where removing it changes the layer by
-        no more than that fraction of the value (it would otherwise hover near 0 for long)."""
-        death = CONTINUOUS_DEATH if self.continuous else 0.0
-        return layer.mask <= death * self.config.mask_init
+        """Which values die now."""
+        return layer.mask <= self.death * self.config.mask_init
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-CONTINUOUS_DEATH = 0.05
 
 
 def with_gradient(layers: dict[str, SVDLinear]) -> list[SVDLinear]:
@@ -109,7 +112,7 @@ class Penalized(Objective):
     which costs nothing while the model sees 1. A continuous mask is what the model sees, so it
     moves by plain gradient descent on gradients normalized by this step's mean |task gradient|
     (as `saliency` does), slowly (a whole budget per mask_init at the mean gradient), each
-    normalized gradient clipped to +-CLIP and each mask capped at its start: near a pretrained
+    normalized gradient clipped to +-CLIP: near a pretrained
     minimum a batch's gradient is mostly noise with heavy tails, and larger steps are a random
     walk that wrecks the model long before anything dies.
     """
@@ -118,7 +121,7 @@ class Penalized(Objective):
         super().__init__(config, layers)
         trained = [t for layer in layers.values() for t in self.trained(layer)]
         if self.continuous:
-            self.optimizer = torch.optim.SGD(trained, lr=config.mask_lr or config.mask_init / config.max_steps)
+            self.optimizer = torch.optim.SGD(trained, lr=self.learning_rate(config))
         else:
             self.optimizer = torch.optim.AdamW(trained, lr=self.learning_rate(config), betas=self.betas(config),
                                                weight_decay=0.0)
@@ -153,11 +156,13 @@ class Penalized(Objective):
         (the paper's 0.9 from 200 steps on), or the controller's corrections arrive too late."""
         return max(0.0, min(0.9, 1 - 1 / max(1.0, 0.05 * config.max_steps))), 0.999
 
-    @staticmethod
-    def learning_rate(config: AcipConfig) -> float:
+    def learning_rate(self, config: AcipConfig) -> float:
         """Adam moves every mask by about lr a step whatever its gradient's size, so by default a
-        mask needs a quarter of the budget to die: the controller has time to react."""
-        return config.mask_lr if config.mask_lr is not None else config.mask_init / max(1.0, FRACTION * config.max_steps)
+        mask needs a quarter of the budget to die: the controller has time to react. Continuous
+        masks: a whole budget per mask_init at the mean gradient (see the class docstring)."""
+        if config.mask_lr is not None:
+            return config.mask_lr
+        return config.mask_init / max(1.0, (1.0 if self.continuous else FRACTION) * config.max_steps)
 
     def step(self, layers: dict[str, SVDLinear], lam: float) -> None:
         reached = with_gradient(layers)
@@ -170,12 +175,12 @@ class Penalized(Objective):
             trained = [t for layer in reached for t in self.trained(layer)]
             grads = torch.autograd.grad(self.loss(reached, lam), trained, allow_unused=True)
         with torch.no_grad():
-            masks = {id(layer.mask): self.precondition(layer) for layer in reached}
+            conditioned = {id(layer.mask): self.precondition(layer) for layer in reached} if self.continuous else {}
             for tensor, grad in zip(trained, grads):
                 grad = torch.zeros_like(tensor) if grad is None else grad
                 tensor.grad = grad if tensor.grad is None else tensor.grad + grad
                 if self.continuous:
-                    tensor.grad = (tensor.grad * masks.get(id(tensor), 1.0) / task).clamp(-CLIP, CLIP)
+                    tensor.grad = (tensor.grad * conditioned.get(id(tensor), 1.0) / task).clamp(-CLIP, CLIP)
             self.optimizer.step()  # masks without a gradient are skipped
             self.after_step(reached)
         self.optimizer.zero_grad(set_to_none=True)
