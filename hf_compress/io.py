@@ -19,7 +19,8 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask (reading it means setting it: set it back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -34,7 +35,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False):
     path = check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the output should not be
     try:
         yield tmp
         if path.exists():

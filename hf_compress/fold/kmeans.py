@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..units import weighted_means
+
 
 def project(points: torch.Tensor, dims: int, seed: int) -> torch.Tensor:
     """A Gaussian random projection to `dims` dimensions: it keeps pairwise distances to within
@@ -24,13 +26,6 @@ def project(points: torch.Tensor, dims: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     projection = torch.randn(x.shape[1], dims, generator=generator).to(x.device) / math.sqrt(dims)
     return x @ projection
-
-
-def weighted_means(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-cluster mean of the rows of `x`, each row counted with its weight (k x d)."""
-    totals = torch.zeros(k, device=x.device).index_add_(0, labels, weights)
-    sums = torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels, x * weights[:, None])
-    return sums / totals.clamp_min(torch.finfo(totals.dtype).tiny)[:, None]
 
 
 def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20, dims: int = 256,

@@ -1,0 +1,72 @@
+"""Structured pruning: score every unit (`units.py`), keep the best of each site, drop the rest."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from ..errors import HfCompressError
+from ..models import decoder_blocks, dense_weight
+from ..units import Magnitude, Site, TopK, shrink, sites
+from .config import PruneConfig
+
+
+class Activation(TopK):
+    """Wanda-sp / FLAP: a unit scores sum over its output-side columns j of |W[:, j]|_1 x ||x_j||,
+    x_j that column's input over the calibration tokens, so a unit with large weights that is
+    rarely active scores as low as an active unit with small weights."""
+
+    def __init__(self, table: dict[tuple[int, str], torch.Tensor]):
+        self.table = table
+
+    def scores(self, index, site, inputs, outputs):
+        return self.table[index, site.kind]
+
+
+@torch.no_grad()
+def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tuple[int, float, Site]],
+                      batch_size: int, show_progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
+    """(block, site kind) -> each unit's `Activation` score, from one forward sweep over `data`."""
+    _, blocks = decoder_blocks(model)
+    squares: dict[tuple[int, str], torch.Tensor] = {}  # sum over tokens of each input column squared
+
+    def accumulate(key):
+        def hook(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            squares[key] = squares.get(key, 0) + x.pow(2).sum(0)
+        return hook
+
+    hooks = [blocks[index].get_submodule(seg.module).register_forward_pre_hook(accumulate((index, seg.module)))
+             for index, _, site in found for seg in site.writes]
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(data.split(batch_size), desc="activations", disable=not show_progress, leave=False):
+            model(batch.to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    table = {}
+    for index, _, site in found:
+        total = 0
+        for seg in site.writes:
+            columns = slice(seg.start, seg.start + seg.units * seg.per_unit)
+            weight = dense_weight(blocks[index].get_submodule(seg.module)).float()[:, columns]
+            score = weight.abs().sum(0) * squares[index, seg.module][columns].sqrt()
+            total = total + score.reshape(seg.units, seg.per_unit).sum(1)
+        table[index, site.kind] = total
+    return table
+
+
+def prune(model: PreTrainedModel, data: torch.Tensor | None = None, config: PruneConfig | None = None,
+          show_progress: bool = True, **overrides) -> PreTrainedModel:
+    """Prune `model` in place and return it (quantized, a new model, if `quantize` is set);
+    `data` holds calibration windows (n, seq_len), needed by every method but "magnitude"."""
+    config = config or PruneConfig(**overrides)
+    if not config.needs_data:
+        return shrink(model, config, Magnitude(), show_progress)
+    if data is None or len(data) == 0:
+        raise HfCompressError(f"prune method '{config.method}' needs calibration windows")
+    found = sites(model, config)  # checks every site before the sweep
+    table = activation_scores(model, data, found, config.batch_size, show_progress)
+    return shrink(model, config, Activation(table), show_progress, windows=len(data), seq_len=data.shape[1])
