@@ -50,7 +50,7 @@ SHRINKS = {"fold": (), "prune": ("--seq-len", 32, "--windows", 4)}
 
 
 @pytest.mark.parametrize("command,layers", [("fold", "middle"), ("fold", "all"), ("fold", "0=0.75,1"),
-                                            ("prune", "all"), ("prune", "0=0.75,1")])
+                                            ("prune", "all")])  # prune per block shares fold's per-layer path
 def test_shrink_compress_materialize_quantize(monkeypatch, capsys, source, tmp_path, command, layers):
     folded, compressible = tmp_path / "folded", tmp_path / "acip"
     ok(monkeypatch, capsys, command, source, "--ratio", 0.5, "--layers", layers, "--output", folded, *SHRINKS[command])
