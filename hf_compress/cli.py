@@ -411,10 +411,8 @@ def prune_command(
     data = calibration_data(tokenizer, dataset, seq_len=seq_len, max_windows=windows, text_column=text_column,
                             dataset_config=dataset_config, dataset_split=dataset_split) if config.needs_data else None
     start = time.perf_counter()
-    net = prune(net, data, config)
+    net = prune(net, data, config, dataset=dataset)
     seconds = time.perf_counter() - start
-    if data is not None:
-        net.config.hf_compress["dataset"] = dataset  # for the model card
     save_checkpoint(net, tokenizer, output, overwrite=overwrite)
     _print_shrunk(net, output, f"pruned in {seconds:.1f} s")
 

@@ -309,12 +309,13 @@ def sites(model: PreTrainedModel, config: UnitConfig) -> list[tuple[int, float, 
 
 @torch.no_grad()
 def shrink(model: PreTrainedModel, config: UnitConfig, selection: Selection, show_progress: bool = True,
-           **record) -> PreTrainedModel:
+           found: list[tuple[int, float, Site]] | None = None, **record) -> PreTrainedModel:
     """Shrink `model` in place with `selection` over `config`'s schedule and return it (quantized,
     a new model, if `quantize` is set). Shrinking every block at one ratio (layers="all") keeps
     the architecture (smaller intermediate_size / head counts, no remote code needed); any other
     schedule records per-layer shapes for the self-contained checkpoint format. `record` goes
-    into the config beside what every shrink records."""
+    into the config beside what every shrink records; `found` is `sites(model, config)` when the
+    caller already has it."""
     text_config = model.config.get_text_config()
     _, blocks = decoder_blocks(model)
     plan = config.schedule(len(blocks))
@@ -329,7 +330,7 @@ def shrink(model: PreTrainedModel, config: UnitConfig, selection: Selection, sho
         )
     kept = {"mlp": set(), "attention": set()}
     multiple = width_multiple(config.quantize)
-    for index, ratio, site in tqdm(sites(model, config), desc=_ing(config.verb), disable=not show_progress,
+    for index, ratio, site in tqdm(found or sites(model, config), desc=_ing(config.verb), disable=not show_progress,
                                    leave=False):
         kept[site.kind].add(shrink_site(blocks[index], index, site, ratio, selection,
                                         multiple if site.kind == "mlp" else 1))

@@ -59,9 +59,10 @@ def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tu
 
 
 def prune(model: PreTrainedModel, data: torch.Tensor | None = None, config: PruneConfig | None = None,
-          show_progress: bool = True, **overrides) -> PreTrainedModel:
+          show_progress: bool = True, dataset: str | None = None, **overrides) -> PreTrainedModel:
     """Prune `model` in place and return it (quantized, a new model, if `quantize` is set);
-    `data` holds calibration windows (n, seq_len), needed by every method but "magnitude"."""
+    `data` holds calibration windows (n, seq_len), needed by every method but "magnitude";
+    `dataset` names where they came from, for the model card."""
     config = config or PruneConfig(**overrides)
     if not config.needs_data:
         return shrink(model, config, Magnitude(), show_progress)
@@ -69,4 +70,5 @@ def prune(model: PreTrainedModel, data: torch.Tensor | None = None, config: Prun
         raise HfCompressError(f"prune method '{config.method}' needs calibration windows")
     found = sites(model, config)  # checks every site before the sweep
     table = activation_scores(model, data, found, config.batch_size, show_progress)
-    return shrink(model, config, Activation(table), show_progress, windows=len(data), seq_len=data.shape[1])
+    about = {"windows": len(data), "seq_len": data.shape[1]} | ({"dataset": dataset} if dataset else {})
+    return shrink(model, config, Activation(table), show_progress, found, **about)
