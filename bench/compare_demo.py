@@ -126,8 +126,8 @@ def main():
     wall = time.perf_counter()
 
     model, tokenizer = hfc.load_model("demo")
-    data = hfc.calibration_data(tokenizer, "builtin", seq_len=args.seq_len)
-    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="test",
+    data = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=args.seq_len)
+    heldout = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=512, split="test",
                                    max_windows=args.heldout_windows)
     dense_ppl = perplexity(model, heldout)["perplexity"]
     dense_step = dense_step_seconds(model, data[: args.batch_size])

@@ -57,8 +57,8 @@ def main():
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     _, tokenizer = hfc.load_model("demo")
-    data = hfc.calibration_data(tokenizer, "builtin", seq_len=args.seq_len)
-    test = hfc.calibration_data(tokenizer, "builtin", seq_len=256, split="test", max_windows=args.windows)
+    data = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=args.seq_len)
+    test = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=256, split="test", max_windows=args.windows)
     results = {"protocol": vars(args) | {"out": str(args.out)}, "versions": versions(), "objectives": {}}
     rows = {}
     for objective in args.objectives.split(","):

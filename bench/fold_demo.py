@@ -91,7 +91,7 @@ def main():
     wall = time.perf_counter()
 
     model, tokenizer = hfc.load_model("demo")
-    heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=512, split="test",
+    heldout = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=512, split="test",
                                    max_windows=args.heldout_windows)
     dense_ppl = perplexity(model, heldout)["perplexity"]
     n_blocks = model.config.num_hidden_layers
@@ -128,7 +128,7 @@ def main():
     print("one block folded at", args.sensitivity_ratio, {m: [round(p, 1) for p in v] for m, v in sensitivity.items()})
 
     # Fold-then-ACIP against ACIP alone at one combined size of the original targeted layers.
-    data = hfc.calibration_data(tokenizer, "builtin", seq_len=128)
+    data = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=128)
     settings = dict(max_steps=args.acip_steps, stop_ratio=0.4, batch_size=4, show_progress=False)
     alone = hfc.acip(copy.deepcopy(model), data, **settings).materialize(args.combined_ratio)
     folded = hfc.fold(copy.deepcopy(model), ratio=0.9, show_progress=False)

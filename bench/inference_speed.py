@@ -82,7 +82,7 @@ def main():
     for ratio in map(float, args.ratios.split(",")):
         models[f"{ratio}"] = cm.materialize(ratio)
         models[f"{ratio} speed-aware"] = cm.materialize(ratio, speed_aware=overhead)
-    windows = hfc.calibration_data(cm.tokenizer, "builtin", seq_len=512, split="test", max_windows=args.windows)
+    windows = hfc.calibration_data(cm.tokenizer, "builtin:pydoc", seq_len=512, split="test", max_windows=args.windows)
     best = {name: dict.fromkeys(MEASURES, float("inf")) for name in models}
     for model in models.values():  # warm-up
         decode_seconds(model, 1, 4)

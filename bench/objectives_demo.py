@@ -6,7 +6,7 @@ SVD with the per-layer ranks the default pass allocates (so the allocation is me
 the values it keeps); every objective with its shipped defaults, without and with LoRA; the
 default and `acip` over --seeds seeds (mean and spread); and one README-size pass of the default
 (--readme-steps). Every pass has the same calibration windows and budget. Perplexity windows
-(512 tokens, bench/quantize_demo.py): test = the first --test-windows of the builtin test split,
+(512 tokens, bench/quantize_demo.py): test = the first --test-windows of the pydoc test split,
 validation = the last --val-windows of its validation split (the default objective is chosen on
 these), out-of-domain = --ood-windows of the news corpus (in no calibration set). Pass time is
 relative to the default pass of seed 0. Writes OUT/objectives_demo.json, prints the Markdown.
@@ -70,7 +70,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the default objective and of acip")
     parser.add_argument("--readme-steps", type=int, default=60, help="the README's pass of the default (0: skip)")
     parser.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5,0.4")
-    parser.add_argument("--calibration", default="builtin", help="calibration source of every pass and baseline")
+    parser.add_argument("--calibration", default="builtin:pydoc", help="calibration source of every pass and baseline")
     parser.add_argument("--test-windows", type=int, default=4)
     parser.add_argument("--val-windows", type=int, default=4)
     parser.add_argument("--ood-windows", type=int, default=4)

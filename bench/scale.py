@@ -71,7 +71,7 @@ class ResidentMemory:
 def build(args):
     if args.model:
         model, tokenizer = hfc.load_model(args.model, torch.float32)
-        data = hfc.calibration_data(tokenizer, "builtin", seq_len=args.seq_len)
+        data = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=args.seq_len)
         return model, data, meta_model(args.model).config
     config = LlamaConfig(**{**SHAPES[args.shape], "num_hidden_layers": args.blocks})
     torch.manual_seed(0)

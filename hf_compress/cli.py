@@ -337,15 +337,20 @@ def _quantized_note(model) -> str:
     return f", {quantization['method']} ({kept} Linear layers left in float{rounded})"
 
 
+RATIO_HELP = "Fraction of MLP channels kept, in (0, 1]: over the whole model under --layers global, else per block."
+HEADS_HELP = "Fraction of key/value head groups kept, as --ratio (1.0: attention untouched)."
+LAYERS_HELP = ("Schedule: 'global' (each block keeps what its measured cost allows; per-layer sizes), 'all' (every "
+               "block alike: same architecture, no remote code), 'middle' (all but the first two and last two "
+               "blocks), or blocks and ranges with optional ratios, e.g. '2-27' or '2-9=0.95,10-27=0.8'.")
+
+
 @app.command("fold")
 def fold_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    ratio: float = typer.Option(..., help="Fraction of MLP channels kept in each folded block, in (0, 1]."),
+    ratio: float = typer.Option(..., help=RATIO_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
-    heads_ratio: float = typer.Option(1.0, help="Fraction of key/value head groups kept (1.0: attention untouched)."),
-    layers: str = typer.Option(
-        "middle", help="Schedule: 'middle' (all but the first two and last two blocks), 'all' (same architecture, "
-        "no remote code), or blocks and ranges with optional ratios, e.g. '2-27' or '2-9=0.95,10-27=0.8'."),
+    heads_ratio: float = typer.Option(1.0, help=HEADS_HELP),
+    layers: str = typer.Option("global", help=LAYERS_HELP),
     method: str = typer.Option("kmeans", help="'kmeans' (merge clusters) or 'magnitude' (prune, the baseline)."),
     variance_correction: bool = typer.Option(False, help="Rescale merged units to their members' norm."),
     seed: int = typer.Option(0, help="k-means seed."),
@@ -376,14 +381,12 @@ def fold_command(
 @app.command("prune")
 def prune_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    ratio: float = typer.Option(..., help="Fraction of MLP channels kept in each pruned block, in (0, 1]."),
+    ratio: float = typer.Option(..., help=RATIO_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
     method: str = typer.Option("activation", help="'activation' (weights x activation norms on calibration text, "
                                "Wanda-sp / FLAP) or 'magnitude' (weights only, no data)."),
-    heads_ratio: float = typer.Option(1.0, help="Fraction of key/value head groups kept (1.0: attention untouched)."),
-    layers: str = typer.Option(
-        "all", help="Schedule: 'all' (same architecture, no remote code), 'middle' (all but the first two and last "
-        "two blocks), or blocks and ranges with optional ratios, e.g. '2-27' or '2-9=0.95,10-27=0.8'."),
+    heads_ratio: float = typer.Option(1.0, help=HEADS_HELP),
+    layers: str = typer.Option("all", help=LAYERS_HELP),
     dataset: str = typer.Option("builtin", help="Calibration text, as for compress (ignored by magnitude)."),
     dataset_config: Optional[str] = typer.Option(None, help="Hub dataset configuration name."),
     dataset_split: str = typer.Option("train", help="Hub dataset split."),
@@ -425,8 +428,10 @@ def _print_shrunk(net, output: Path, timing: str) -> None:
 
 
 def _parse_layers(text: str, ratio: float) -> str | dict[int, float]:
-    """'middle', 'all', or '0-3,7' / '2-9=0.95,10-27=0.8' (blocks without a ratio take --ratio)."""
-    if text.strip() in ("middle", "all"):
+    """'global', 'middle', 'all', or '0-3,7' / '2-9=0.95,10-27=0.8' (blocks without a ratio take --ratio)."""
+    from .units import SCHEDULES
+
+    if text.strip() in SCHEDULES:
         return text.strip()
     plan = {}
     try:
@@ -436,7 +441,7 @@ def _parse_layers(text: str, ratio: float) -> str | dict[int, float]:
             plan |= dict.fromkeys(range(int(low), int(high or low) + 1), float(block_ratio) if block_ratio else ratio)
     except ValueError:
         raise HfCompressError(
-            f"--layers takes 'middle', 'all' or blocks and ranges like '0-3,7' or '2-9=0.95,10-27=0.8', got '{text}'"
+            f"--layers takes 'global', 'middle', 'all' or blocks and ranges like '0-3,7' or '2-9=0.95,10-27=0.8', got '{text}'"
         ) from None
     return plan
 

@@ -25,7 +25,7 @@ from .modeling_hf_compress import layer_like, replace_layer_
 from .models import decoder_blocks, dense_weight, find_targets, layer_shape, require_dense, set_dense_weight
 from .quantize import check_method, quantize, width_multiple
 
-SCHEDULES = ("middle", "all")
+SCHEDULES = ("global", "middle", "all")
 
 
 @dataclass
@@ -34,8 +34,9 @@ class UnitConfig:
     shrunk block, `heads_ratio` the fraction of key/value head groups kept (1.0 leaves attention
     alone). `layers` is the schedule: "middle" (every block but the first two and the last two),
     "all" (every block: the architecture stays, no remote code to load it), a list of block
-    indices at `ratio`, or a {block: ratio} dict. `quantize` quantizes the result with
-    bitsandbytes (widths rounded to what its kernel packs)."""
+    indices at `ratio`, or a {block: ratio} dict; "global" (`allocate.py`) makes `ratio` and
+    `heads_ratio` whole-model fractions and lets each block keep what its measured cost deserves.
+    `quantize` quantizes the result with bitsandbytes (widths rounded to what its kernel packs)."""
 
     ratio: float = 0.9
     heads_ratio: float = 1.0
@@ -62,8 +63,8 @@ class UnitConfig:
                                   f"{{block: ratio}} dict, not '{self.layers}'")
 
     def schedule(self, n_blocks: int) -> dict[int, float]:
-        """The MLP ratio of each block to shrink."""
-        if self.layers == "all":
+        """The MLP ratio of each block to shrink (under "global", every block is a candidate)."""
+        if self.layers in ("all", "global"):
             return dict.fromkeys(range(n_blocks), self.ratio)
         if self.layers == "middle":
             edge = min(2, (n_blocks - 1) // 4)  # tiny test models: every block
@@ -93,6 +94,7 @@ class Site:
     kind: str  # "mlp" or "attention"
     reads: tuple[Segment, ...]  # units own output rows of these (merged by mean)
     writes: tuple[Segment, ...]  # units own input columns of these (merged by sum)
+    repaired: int = 0  # the read a merged unit's rescale applies to: one entering linearly (up, v)
 
 
 def _ing(verb: str) -> str:
@@ -120,11 +122,11 @@ def mlp_site(block: nn.Module, verb: str = "fold") -> Site:
     if _has(mlp, "gate_proj", "up_proj", "down_proj"):  # Llama, Qwen2, Mistral, Gemma
         f = _out(block, "mlp.up_proj")
         return Site("mlp", (Segment("mlp.gate_proj", 0, f, 1), Segment("mlp.up_proj", 0, f, 1)),
-                    (Segment("mlp.down_proj", 0, f, 1),))
+                    (Segment("mlp.down_proj", 0, f, 1),), repaired=1)
     if _has(mlp, "gate_up_proj", "down_proj"):  # Phi3: gate and up fused
         f = _out(block, "mlp.gate_up_proj") // 2
         return Site("mlp", (Segment("mlp.gate_up_proj", 0, f, 1), Segment("mlp.gate_up_proj", f, f, 1)),
-                    (Segment("mlp.down_proj", 0, f, 1),))
+                    (Segment("mlp.down_proj", 0, f, 1),), repaired=1)
     for up, down in UNGATED_MLPS:
         if _exists(block, up) and _exists(block, down):
             f = _out(block, up)
@@ -173,10 +175,11 @@ def attention_site(block: nn.Module, config, verb: str = "fold") -> Site:
         q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
         return Site("attention", (Segment("self_attn.qkv_proj", 0, kv_heads, group),
                                   Segment("self_attn.qkv_proj", q_rows, kv_heads, head_dim),
-                                  Segment("self_attn.qkv_proj", q_rows + kv_rows, kv_heads, head_dim)), output)
+                                  Segment("self_attn.qkv_proj", q_rows + kv_rows, kv_heads, head_dim)), output,
+                    repaired=2)
     return Site("attention", (Segment("self_attn.q_proj", 0, kv_heads, group),
                               Segment("self_attn.k_proj", 0, kv_heads, head_dim),
-                              Segment("self_attn.v_proj", 0, kv_heads, head_dim)), output)
+                              Segment("self_attn.v_proj", 0, kv_heads, head_dim)), output, repaired=2)
 
 
 # --- choosing units, reading them out of weights and writing the survivors back -----------
@@ -190,8 +193,10 @@ class Selection:
         holds each unit's input-side rows (and row biases) flattened, `outputs` its columns."""
         raise NotImplementedError
 
-    def row_scale(self, inputs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor | float:
-        """What each merged unit's rows are multiplied by."""
+    def row_scale(self, rows: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor | float:
+        """What each merged unit's rows (and bias) in the site's `repaired` read are multiplied by,
+        given the units' rows there: one read only, since scaling q and k (or gate and up) together
+        would scale their product twice."""
         return 1.0
 
 
@@ -255,11 +260,16 @@ def weighted_means(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
     return sums / totals.clamp_min(torch.finfo(totals.dtype).tiny)[:, None]
 
 
+def kept_units(ratio: float, n: int, multiple: int = 1) -> int:
+    """How many of `n` units a site shrunk to `ratio` keeps (at least one, a multiple of `multiple`)."""
+    return min(n, max(multiple, round(ratio * n) // multiple * multiple))
+
+
 def shrink_site(block: nn.Module, index: int, site: Site, ratio: float, selection: Selection, multiple: int = 1) -> int:
     """Rewrite one site of one block in place with the units `selection` keeps (row biases count
     as input side); returns the number of units kept, rounded down to a multiple of `multiple`."""
     n = site.reads[0].units
-    k = min(n, max(multiple, round(ratio * n) // multiple * multiple))
+    k = kept_units(ratio, n, multiple)
     if k == n:
         return n
     reads = [_read_rows(block, seg) for seg in site.reads]
@@ -269,18 +279,20 @@ def shrink_site(block: nn.Module, index: int, site: Site, ratio: float, selectio
     labels = selection.labels(index, site, inputs, outputs, k)
     kept = labels >= 0
     weights = output_weights(outputs[kept]).clamp_min(1e-12)  # a unit kept alone stays itself
-    scale = selection.row_scale(inputs, labels, k)
+    scale = selection.row_scale(reads[site.repaired][0], labels, k)
 
     def mean(x):
-        return weighted_means(x[kept], labels[kept], weights, k) * scale
+        return weighted_means(x[kept], labels[kept], weights, k)
 
     def total(x):
         return torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels[kept], x[kept])
 
     pieces: dict[str, list] = {}
-    for seg, (weight, bias) in zip(site.reads, reads):
-        rows = mean(weight).reshape(k * seg.per_unit, -1)
-        pieces.setdefault(seg.module, []).append((seg.start, rows, None if bias is None else mean(bias).flatten()))
+    for i, (seg, (weight, bias)) in enumerate(zip(site.reads, reads)):
+        factor = scale if i == site.repaired else 1.0
+        rows = (mean(weight) * factor).reshape(k * seg.per_unit, -1)
+        bias = None if bias is None else (mean(bias) * factor).flatten()
+        pieces.setdefault(seg.module, []).append((seg.start, rows, bias))
     for path, parts in pieces.items():
         module = block.get_submodule(path)
         parts.sort(key=lambda part: part[0])
@@ -314,24 +326,19 @@ def shrink(model: PreTrainedModel, config: UnitConfig, selection: Selection, sho
     a new model, if `quantize` is set). Shrinking every block at one ratio (layers="all") keeps
     the architecture (smaller intermediate_size / head counts, no remote code needed); any other
     schedule records per-layer shapes for the self-contained checkpoint format. `record` goes
-    into the config beside what every shrink records; `found` is `sites(model, config)` when the
-    caller already has it."""
+    into the config beside what every shrink records; `found` is `sites(model, config)` (or an
+    allocation of `allocate.py`) when the caller already has it."""
     text_config = model.config.get_text_config()
     _, blocks = decoder_blocks(model)
-    plan = config.schedule(len(blocks))
     require_dense(model, config.verb, f"{config.verb} first, then compress")
+    found = found or sites(model, config)
     sizes = source_sizes(model)
     dense_params = sum(layer_shape(m).dense_params for m in find_targets(model).values())
-    uniform = len(plan) == len(blocks) and len(set(plan.values())) == 1
-    if config.heads_ratio < 1 and not uniform and _counts_heads(blocks[0]):
-        raise HfCompressError(
-            f"{type(blocks[0].self_attn).__name__} reads its head counts from the config, so a heads ratio below 1 "
-            "needs --layers all"
-        )
+    uniform = _uniform(found, len(blocks))
+    check_head_counts(blocks, config, uniform)
     kept = {"mlp": set(), "attention": set()}
     multiple = width_multiple(config.quantize)
-    for index, ratio, site in tqdm(found or sites(model, config), desc=_ing(config.verb), disable=not show_progress,
-                                   leave=False):
+    for index, ratio, site in tqdm(found, desc=_ing(config.verb), disable=not show_progress, leave=False):
         kept[site.kind].add(shrink_site(blocks[index], index, site, ratio, selection,
                                         multiple if site.kind == "mlp" else 1))
     if uniform:
@@ -346,11 +353,24 @@ def shrink(model: PreTrainedModel, config: UnitConfig, selection: Selection, sho
     return quantize(model, config.quantize, config.quantize_head) if config.quantize else model
 
 
+def _uniform(found: list[tuple[int, float, Site]], n_blocks: int) -> bool:
+    """Every block's MLP (and attention, if any) shrunk at one ratio: the architecture stays."""
+    by_kind: dict[str, dict[int, float]] = {}
+    for index, ratio, site in found:
+        by_kind.setdefault(site.kind, {})[index] = ratio
+    return "mlp" in by_kind and all(len(r) == n_blocks and len(set(r.values())) == 1 for r in by_kind.values())
+
+
 HEAD_COUNTS = ("num_heads", "num_key_value_heads")  # attention attributes some models keep
 
 
-def _counts_heads(block: nn.Module) -> bool:
-    return any(hasattr(getattr(block, "self_attn", None), name) for name in HEAD_COUNTS)
+def check_head_counts(blocks: nn.ModuleList, config: UnitConfig, uniform: bool) -> None:
+    """Blocks whose attention keeps its head counts (from the config) must all keep the same."""
+    if config.heads_ratio < 1 and not uniform and any(hasattr(blocks[0].self_attn, n) for n in HEAD_COUNTS):
+        raise HfCompressError(
+            f"{type(blocks[0].self_attn).__name__} reads its head counts from the config, so a heads ratio below 1 "
+            "needs --layers all"
+        )
 
 
 def _shrink_config(config, blocks: nn.ModuleList, channels: int, groups: int | None) -> None:

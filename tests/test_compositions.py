@@ -49,7 +49,7 @@ def check_consumers(monkeypatch, capsys, path, tmp_path, quantized=False):
 SHRINKS = {"fold": (), "prune": ("--seq-len", 32, "--windows", 4)}
 
 
-@pytest.mark.parametrize("command,layers", [("fold", "middle"), ("fold", "all"), ("fold", "0=0.75,1"),
+@pytest.mark.parametrize("command,layers", [("fold", "global"), ("fold", "all"), ("fold", "0=0.75,1"),
                                             ("prune", "all")])  # prune per block shares fold's per-layer path
 def test_shrink_compress_materialize_quantize(monkeypatch, capsys, source, tmp_path, command, layers):
     folded, compressible = tmp_path / "folded", tmp_path / "acip"

@@ -56,7 +56,7 @@ def test_folding_duplicated_head_groups_is_exact(arch):
         duplicate_units(block, attention_site(block, model.config))
     data = tiny_data(2)
     reference = model(data).logits
-    fold(model, ratio=1.0, heads_ratio=0.5, show_progress=False)
+    fold(model, ratio=1.0, heads_ratio=0.5, layers="all", show_progress=False)
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)  # GQA kept
     torch.testing.assert_close(model(data).logits, reference, rtol=1e-4, atol=1e-4)
 
@@ -103,9 +103,11 @@ def test_info_reports_folded_sizes_against_the_original():
     assert report["target_params"] < original["target_params"] and report["size_ratio"] < 0.8
 
 
-def test_default_schedule_spares_the_first_two_and_last_two_blocks():
-    assert FoldConfig(ratio=0.8).schedule(30) == dict.fromkeys(range(2, 28), 0.8)
-    assert FoldConfig(ratio=0.8).schedule(2) == {0: 0.8, 1: 0.8}  # too few blocks to spare any
+def test_schedules():
+    assert FoldConfig().layers == "global"  # every block a candidate; allocate.py decides
+    assert FoldConfig(ratio=0.8).schedule(3) == dict.fromkeys(range(3), 0.8)
+    assert FoldConfig(ratio=0.8, layers="middle").schedule(30) == dict.fromkeys(range(2, 28), 0.8)
+    assert FoldConfig(ratio=0.8, layers="middle").schedule(2) == {0: 0.8, 1: 0.8}  # too few blocks to spare any
     assert FoldConfig(ratio=0.8, layers="all").schedule(4) == dict.fromkeys(range(4), 0.8)
     assert FoldConfig(ratio=0.8, layers=[3, 1]).schedule(4) == {1: 0.8, 3: 0.8}
     assert FoldConfig(layers={"2": 0.5, 0: 0.9}).schedule(4) == {0: 0.9, 2: 0.5}
@@ -124,6 +126,27 @@ def test_a_cluster_merges_rows_by_output_weighted_mean_and_sums_columns():
     fold_site(block, mlp_site(block), 1e-3, FoldConfig())  # every channel into one
     torch.testing.assert_close(dense_weight(block.mlp.up_proj)[0], weights @ up / weights.sum())
     torch.testing.assert_close(dense_weight(block.mlp.down_proj)[:, 0], down.sum(1))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_variance_repair_rescales_one_read_only(kind):
+    """Fold-AR's rescale goes to up (not gate) and v (not q and k): scaling both factors of a
+    product would scale it twice."""
+    def folded(correct):
+        model = tiny_model("llama")
+        torch.manual_seed(0)
+        block = model.model.layers[0]
+        site = mlp_site(block) if kind == "mlp" else attention_site(block, model.config)
+        fold_site(block, site, 0.5, FoldConfig(variance_correction=correct))
+        return [dense_weight(block.get_submodule(seg.module)) for seg in site.reads], site.repaired
+
+    plain, repaired = folded(False)
+    corrected, _ = folded(True)
+    for i, (a, b) in enumerate(zip(plain, corrected)):
+        if i == repaired:
+            assert (b.norm(dim=1) > a.norm(dim=1) * 1.01).any() and (b.norm(dim=1) >= a.norm(dim=1) - 1e-6).all()
+        else:
+            torch.testing.assert_close(a, b)
 
 
 def test_magnitude_keeps_the_largest_channels():

@@ -116,7 +116,8 @@ def test_default_fold_of_the_demo_beats_magnitude_pruning():
     heldout = hfc.calibration_data(tokenizer, "builtin", seq_len=256, split="test", max_windows=2)
     folded = hfc.fold(hfc.load_model("demo")[0], ratio=0.9, show_progress=False)
     pruned = hfc.fold(model, ratio=0.9, method="magnitude", show_progress=False)
-    assert folded.config.hf_compress["size_ratio"] == pruned.config.hf_compress["size_ratio"] < 0.95
+    sizes = folded.config.hf_compress["size_ratio"], pruned.config.hf_compress["size_ratio"]
+    assert abs(sizes[0] - sizes[1]) < 1e-3 and max(sizes) < 0.95  # one global budget, rounded per block
     assert perplexity(folded, heldout)["perplexity"] < perplexity(pruned, heldout)["perplexity"]
 
 

@@ -115,12 +115,17 @@ def test_dead_values_leave_the_computation():
     layer = inject(model, AcipConfig(basis="plain"), [name])[name]
     x = torch.randn(3, 96)
     with torch.no_grad():
-        layer.mask[:10] = -1.0
-        layer.update_scores(layer.mask, layer.mask <= 0)
+        layer.mask[:10] = -torch.arange(1.0, 11.0)  # ten values die in one step, value 9 deepest
+        layer.update_scores(layer.mask, layer.mask <= 0, (-layer.mask).clamp(min=0))
     assert layer.rank == 54 and layer.stored[:54].tolist() == list(range(10, 64))
     u, s, vt = layer.factors(torch.arange(10, 64))
     kept = (u * s) @ vt
     assert layer.u.shape == (64, 64)  # the stored factors are reordered in place, not copied
     torch.testing.assert_close(layer(x), x @ kept.t(), rtol=1e-5, atol=1e-5)
-    assert (layer.score[:10] == -1).all() and (layer.score[10:] > 0).all()
+    assert (layer.score[:10] < 0).all() and (layer.score[10:] > 0).all()
+    assert (layer.score[:10].diff() < 0).all()  # of values dying together, the deepest ranks lowest
+    with torch.no_grad():
+        layer.mask[10] = -0.001
+        layer.update_scores(layer.mask, layer.mask <= 0, (-layer.mask).clamp(min=0))
+    assert layer.score[10] > layer.score[:10].max()  # dying later outranks any earlier death
     copy.deepcopy(layer)  # the compacted tensors survive copying

@@ -128,12 +128,13 @@ class SVDLinear(nn.Module):
         return y
 
     @torch.no_grad()
-    def update_scores(self, importance: torch.Tensor, died: torch.Tensor) -> None:
+    def update_scores(self, importance: torch.Tensor, died: torch.Tensor, depth: torch.Tensor) -> None:
         """After an optimizer step: alive values score their `importance`, those that `died` now
-        score 0, and every dead score then drops by 1, so the earlier a value died the lower it ranks."""
+        score 1 / (1 + `depth` past death) in (0, 1], and every dead score then drops by 1, so the
+        earlier a value died the lower it ranks, and of those dying together the deepest first."""
         died = self.alive & died
         self.score.copy_(torch.where(self.alive, importance, self.score))
-        self.score[died] = 0.0
+        self.score[died] = 1 / (1 + depth[died].float())
         self.alive &= ~died
         self.score[~self.alive] -= 1.0
         if died.any():

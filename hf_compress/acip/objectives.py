@@ -57,7 +57,16 @@ class Objective:
     def fullness(self, layer: SVDLinear) -> torch.Tensor:
         """How far each value is from dying, 1 at the start and 0 at death: the soft size the
         controller steers by counts values by it."""
-        return ((layer.mask / self.config.mask_init - self.death) / (1 - self.death)).clamp(min=0)
+        return self.distance(layer).clamp(min=0)
+
+    def depth(self, layer: SVDLinear) -> torch.Tensor:
+        """How far past death each value went (0 for the living): values that die in the same
+        step rank by it, the deepest first to go."""
+        return (-self.distance(layer)).clamp(min=0)
+
+    def distance(self, layer: SVDLinear) -> torch.Tensor:
+        """Fullness before clamping: negative past death."""
+        return (layer.mask / self.config.mask_init - self.death) / (1 - self.death)
 
     def dying(self, layer: SVDLinear) -> torch.Tensor:
         """Which values die now."""
@@ -307,8 +316,8 @@ class Pmmp(Penalized):
     def importance(self, layer: SVDLinear) -> torch.Tensor:
         return self.keep[id(layer)].detach().clone()
 
-    def fullness(self, layer: SVDLinear) -> torch.Tensor:
-        return self.keep[id(layer)].detach()
+    def distance(self, layer: SVDLinear) -> torch.Tensor:
+        return self.keep[id(layer)].detach()  # clamped at 0: values dying together tie
 
     def dying(self, layer: SVDLinear) -> torch.Tensor:
         return self.keep[id(layer)].detach() <= 0

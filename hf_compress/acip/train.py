@@ -221,7 +221,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for layer in layers.values():
-                layer.update_scores(objective.importance(layer), objective.dying(layer))
+                layer.update_scores(objective.importance(layer), objective.dying(layer), objective.depth(layer))
             state["step"] += 1
             ratio = size_ratio(layers)
             target = config.target_ratio(state["step"], state["start_soft_ratio"])

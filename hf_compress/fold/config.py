@@ -11,11 +11,13 @@ from ..units import UnitConfig
 class FoldConfig(UnitConfig):
     """Fold MLP channels (and optionally attention head groups) of the chosen decoder blocks
     (`ratio`, `heads_ratio`, `layers`, `quantize`: see `UnitConfig`). The default schedule
-    "middle" spares the first two and the last two blocks, which the benchmark found to be where
-    folding hurts most (docs/BENCHMARKS.md). `method="magnitude"` is the pruning baseline: keep
+    "global" measures each block's cost and folds the cheapest units first, wherever they are
+    (`allocate.py`; docs/BENCHMARKS.md has it against fixed schedules on two model families);
+    "all" keeps the architecture. `method="magnitude"` is the pruning baseline: keep
     the units with the largest weight norms and drop the rest. `variance_correction` rescales a
     merged unit's rows to its members' norm."""
 
+    layers: str | list[int] | dict[int, float] = "global"
     method: str = "kmeans"
     variance_correction: bool = False
     seed: int = 0

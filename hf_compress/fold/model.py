@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from ..allocate import planned_sites, random_windows
 from ..units import Magnitude, Selection, output_weights, shrink, shrink_site
 from .config import FoldConfig
 from .kmeans import kmeans
@@ -25,15 +26,16 @@ class KMeansFold(Selection):
     def labels(self, index, site, inputs, outputs, k):
         return kmeans(inputs, k, self.config.seed, self.config.iterations, weights=output_weights(outputs))
 
-    def row_scale(self, inputs, labels, k):
-        return variance_scale(inputs, labels, k)[:, None] if self.config.variance_correction else 1.0
+    def row_scale(self, rows, labels, k):
+        return variance_scale(rows, labels, k)[:, None] if self.config.variance_correction else 1.0
 
 
-def variance_scale(inputs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """sqrt(N / (1 + (N - 1) c)) per cluster, c = mean pairwise cosine of its members: a mean
-    of N units has a smaller norm than its members unless they are parallel."""
+def variance_scale(rows: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """sqrt(N / (1 + (N - 1) c)) per cluster, c = mean pairwise cosine of its members' rows: a
+    mean of N units has a smaller norm than its members unless they are parallel (the folding
+    paper's data-free Fold-AR repair, with the cosine in place of the activations' correlation)."""
     kept = labels >= 0
-    z = torch.nn.functional.normalize(inputs[kept], dim=1)
+    z = torch.nn.functional.normalize(rows[kept], dim=1)
     sums = torch.zeros(k, z.shape[1], device=z.device).index_add_(0, labels[kept], z)
     counts = torch.bincount(labels[kept], minlength=k).float()
     pairs = (counts * (counts - 1)).clamp_min(1)
@@ -55,6 +57,9 @@ def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress
     """Fold `model` in place and return it (quantized, a new model, if `quantize` is set).
     Folding every block at one ratio (layers="all") keeps the architecture (smaller
     intermediate_size / head counts, no remote code needed); any other schedule records
-    per-layer shapes for the self-contained checkpoint format."""
+    per-layer shapes for the self-contained checkpoint format. The "global" allocation probes
+    the blocks with random token ids: still no data."""
     config = config or FoldConfig(**overrides)
-    return shrink(model, config, selection(config), show_progress)
+    chosen = selection(config)
+    found = planned_sites(model, config, chosen, random_windows(model, seed=config.seed), show_progress)
+    return shrink(model, config, chosen, show_progress, found)

@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from ..errors import HfCompressError
 from ..models import decoder_blocks, dense_weight
+from ..allocate import PROBE_LENGTH, PROBE_WINDOWS, planned_sites, random_windows
 from ..units import Magnitude, Site, TopK, shrink, sites
 from .config import PruneConfig
 
@@ -65,10 +66,12 @@ def prune(model: PreTrainedModel, data: torch.Tensor | None = None, config: Prun
     `dataset` names where they came from, for the model card."""
     config = config or PruneConfig(**overrides)
     if not config.needs_data:
-        return shrink(model, config, Magnitude(), show_progress)
+        found = planned_sites(model, config, Magnitude(), random_windows(model), show_progress)
+        return shrink(model, config, Magnitude(), show_progress, found)
     if data is None or len(data) == 0:
         raise HfCompressError(f"prune method '{config.method}' needs calibration windows")
-    found = sites(model, config)  # checks every site before the sweep
-    table = activation_scores(model, data, found, config.batch_size, show_progress)
+    table = activation_scores(model, data, sites(model, config), config.batch_size, show_progress)
+    chosen = Activation(table)
+    found = planned_sites(model, config, chosen, data[:PROBE_WINDOWS, :PROBE_LENGTH], show_progress)
     about = {"windows": len(data), "seq_len": data.shape[1]} | ({"dataset": dataset} if dataset else {})
-    return shrink(model, config, Activation(table), show_progress, found, **about)
+    return shrink(model, config, chosen, show_progress, found, **about)
