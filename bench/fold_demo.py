@@ -103,12 +103,13 @@ def main():
         seconds = time.perf_counter() - start
         return perplexity(folded, heldout)["perplexity"], folded.config.hf_compress["size_ratio"], seconds
 
-    variants = {  # name: settings; the default schedule ("middle") unless said
-        "magnitude pruning": dict(method="magnitude"),
-        "k-means fold": {},
-        "k-means fold + variance correction": dict(variance_correction=True),
-        "magnitude pruning + heads (2 of 3 KV groups)": dict(method="magnitude", heads_ratio=HEADS),
-        "k-means fold + heads (2 of 3 KV groups)": dict(heads_ratio=HEADS),
+    middle = dict(layers="middle")  # the default schedule when these figures were measured
+    variants = {  # name: settings; the "middle" schedule unless said (bench/shrink_demo.py has "global")
+        "magnitude pruning": dict(method="magnitude", **middle),
+        "k-means fold": middle,
+        "k-means fold + variance correction": dict(variance_correction=True, **middle),
+        "magnitude pruning + heads (2 of 3 KV groups)": dict(method="magnitude", heads_ratio=HEADS, **middle),
+        "k-means fold + heads (2 of 3 KV groups)": dict(heads_ratio=HEADS, **middle),
         "magnitude pruning, every block": dict(method="magnitude", layers="all"),
         "k-means fold, every block": dict(layers="all"),
     }
@@ -131,7 +132,7 @@ def main():
     data = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=128)
     settings = dict(max_steps=args.acip_steps, stop_ratio=0.4, batch_size=4, show_progress=False)
     alone = hfc.acip(copy.deepcopy(model), data, **settings).materialize(args.combined_ratio)
-    folded = hfc.fold(copy.deepcopy(model), ratio=0.9, show_progress=False)
+    folded = hfc.fold(copy.deepcopy(model), ratio=0.9, show_progress=False, **middle)
     fold_ratio = folded.config.hf_compress["size_ratio"]
     on_fold = hfc.acip(folded, data, **settings).materialize(args.combined_ratio / fold_ratio)
     composed = {"combined_ratio": args.combined_ratio, "acip_steps": args.acip_steps,

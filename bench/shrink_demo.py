@@ -12,7 +12,7 @@ Perplexity windows of 512 tokens (bench/quantize_demo.py): test and validation s
 builtin corpus, the news corpus as out-of-domain text. Writes OUT/shrink_demo[_MODEL].json.
 
     python bench/shrink_demo.py                                  # ~15 min on 2 cores
-    python bench/shrink_demo.py --model demo:gemma3 --windows 2  # ~30 min
+    python bench/shrink_demo.py --model demo:gemma3 --sizes 0.9 --windows 2 --acip-steps 0
 """
 
 import argparse
@@ -25,6 +25,7 @@ import torch
 import hf_compress as hfc
 from hf_compress.evaluate import perplexity, versions
 from hf_compress.models import decoder_blocks, size_report
+from hf_compress.units import mlp_site
 
 from _report import save_and_print
 from quantize_demo import perplexity_splits
@@ -41,6 +42,9 @@ def methods(n_blocks: int, heads: bool) -> dict:
         return dict(layers="middle", ratio=max(0.05, (s * n_blocks - 2 * edge) / middle))
 
     rows = {"fold, global allocation (default)": (hfc.fold, lambda s: dict(layers="global", ratio=s)),
+            "fold, global + variance repair (Fold-AR)": (hfc.fold, lambda s: dict(layers="global", ratio=s,
+                                                                                   variance_correction=True)),
+            "fold, global + dropped misfits": (hfc.fold, lambda s: dict(layers="global", ratio=s, drop_misfits=True)),
             "fold, old schedule (middle blocks)": (hfc.fold, old_schedule),
             "fold, uniform (vanilla)": (hfc.fold, lambda s: dict(layers="all", ratio=s)),
             "magnitude, uniform": (hfc.prune, lambda s: dict(method="magnitude", layers="all", ratio=s)),
@@ -60,7 +64,8 @@ def main():
     parser.add_argument("--heads", action="store_true", help="shrink key/value head groups by the same fraction")
     parser.add_argument("--windows", type=int, default=4, help="512-token windows per split")
     parser.add_argument("--calibration-windows", type=int, default=64, help="256-token windows for activation")
-    parser.add_argument("--acip-steps", type=int, default=30)
+    parser.add_argument("--acip-steps", type=int, default=30, help="the ACIP row's pass (0: no ACIP row)")
+    parser.add_argument("--rows", default="", help="only the rows whose name contains one of these (comma-separated)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     sizes = [float(s) for s in args.sizes.split(",")]
@@ -75,7 +80,10 @@ def main():
     results = {"protocol": {"model": args.model, "sizes": sizes, "heads": args.heads, "windows_of_512": args.windows,
                             "calibration": f"builtin, {len(data)} x 256 tokens", "acip_steps": args.acip_steps},
                "versions": versions(), "dense": measure(base), "runs": {}}
+    wanted = [part for part in args.rows.split(",") if part]
     for name, (shrink, settings) in methods(len(decoder_blocks(base)[1]), args.heads).items():
+        if wanted and not any(part in name for part in wanted):
+            continue
         results["runs"][name] = {}
         for size in sizes:
             model = copy.deepcopy(base)
@@ -83,18 +91,20 @@ def main():
             start = time.perf_counter()
             model = shrink(model, show_progress=False, **extra, **settings(size))
             seconds = time.perf_counter() - start
-            cell = {"seconds": round(seconds, 2), "size_ratio": round(size_report(model)["size_ratio"], 4)}
+            cell = {"seconds": round(seconds, 2), "size_ratio": round(size_report(model)["size_ratio"], 4),
+                    "mlp_widths": [mlp_site(block).reads[0].units for block in decoder_blocks(model)[1]]}
             results["runs"][name][str(size)] = cell | measure(model)
             print(name, size, results["runs"][name][str(size)], flush=True)
 
-    default = next(iter(results["runs"]))
-    start = time.perf_counter()
-    cm = hfc.acip(copy.deepcopy(base), data, max_steps=args.acip_steps, stop_ratio=0.4, batch_size=4,
-                  show_progress=False)
-    results["acip_pass_seconds"] = round(time.perf_counter() - start, 1)
-    results["runs"]["ACIP at the default fold's size (remote code)"] = {
-        str(size): {"size_ratio": results["runs"][default][str(size)]["size_ratio"]}
-        | measure(cm.materialize(results["runs"][default][str(size)]["size_ratio"])) for size in sizes}
+    if args.acip_steps and not wanted:
+        default = next(iter(results["runs"]))
+        start = time.perf_counter()
+        cm = hfc.acip(copy.deepcopy(base), data, max_steps=args.acip_steps, stop_ratio=0.4, batch_size=4,
+                      show_progress=False)
+        results["acip_pass_seconds"] = round(time.perf_counter() - start, 1)
+        results["runs"]["ACIP at the default fold's size (remote code)"] = {
+            str(size): {"size_ratio": results["runs"][default][str(size)]["size_ratio"]}
+            | measure(cm.materialize(results["runs"][default][str(size)]["size_ratio"])) for size in sizes}
 
     columns = [f"{s} (test / val / news)" for s in sizes] + ["seconds at 0.9" if 0.9 in sizes else "seconds"]
     rows = {"dense": [f"{results['dense']['test']:.1f} / {results['dense']['validation']:.1f} / "

@@ -149,6 +149,18 @@ def test_variance_repair_rescales_one_read_only(kind):
             torch.testing.assert_close(a, b)
 
 
+def test_a_misfit_is_dropped_rather_than_merged():
+    from hf_compress.fold.model import drop_misfits
+
+    inputs = torch.tensor([[1.0, 0.0], [1.1, 0.0], [0.0, 0.1], [0.0, -3.0]])
+    labels = torch.tensor([0, 0, 0, 1])  # unit 2 sits near zero, far from the center of 0 and 1
+    weights = torch.tensor([2.0, 1.0, 1.0, 0.5])
+    assert drop_misfits(inputs, labels, weights, 2).tolist() == [0, 0, -1, 1]  # unit 3 is alone: stays
+    model = tiny_model("llama")
+    fold(model, ratio=0.5, layers="all", drop_misfits=True, show_progress=False)
+    assert model.config.intermediate_size == 48  # still k units a block
+
+
 def test_magnitude_keeps_the_largest_channels():
     model = tiny_model("llama")
     block = model.model.layers[0]

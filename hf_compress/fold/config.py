@@ -15,11 +15,13 @@ class FoldConfig(UnitConfig):
     (`allocate.py`; docs/BENCHMARKS.md has it against fixed schedules on two model families);
     "all" keeps the architecture. `method="magnitude"` is the pruning baseline: keep
     the units with the largest weight norms and drop the rest. `variance_correction` rescales a
-    merged unit's rows to its members' norm."""
+    merged unit's rows to its members' norm; `drop_misfits` drops a unit that is closer to zero
+    than to its cluster's center instead of merging it."""
 
     layers: str | list[int] | dict[int, float] = "global"
     method: str = "kmeans"
     variance_correction: bool = False
+    drop_misfits: bool = False
     seed: int = 0
     iterations: int = 20
 

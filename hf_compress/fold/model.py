@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..allocate import planned_sites, random_windows
-from ..units import Magnitude, Selection, output_weights, shrink, shrink_site
+from ..units import Magnitude, Selection, output_weights, shrink, shrink_site, weighted_means
 from .config import FoldConfig
 from .kmeans import kmeans
 
@@ -24,10 +24,23 @@ class KMeansFold(Selection):
         self.config = config
 
     def labels(self, index, site, inputs, outputs, k):
-        return kmeans(inputs, k, self.config.seed, self.config.iterations, weights=output_weights(outputs))
+        weights = output_weights(outputs)
+        labels = kmeans(inputs, k, self.config.seed, self.config.iterations, weights=weights)
+        return drop_misfits(inputs, labels, weights, k) if self.config.drop_misfits else labels
 
     def row_scale(self, rows, labels, k):
         return variance_scale(rows, labels, k)[:, None] if self.config.variance_correction else 1.0
+
+
+def drop_misfits(inputs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Drop (label -1) each unit whose rows lie farther from its cluster's center than from zero:
+    merged, its column would carry the center's activation instead of its own, which costs more
+    than removing it. The heaviest member of every cluster stays, so k units remain."""
+    centers = weighted_means(inputs, labels, weights, k)
+    misfit = (inputs - centers[labels]).pow(2).sum(1) > inputs.pow(2).sum(1)
+    heaviest = torch.full((k,), -1.0, device=inputs.device).scatter_reduce(0, labels, weights, "amax")
+    misfit &= weights < heaviest[labels]
+    return torch.where(misfit, -1, labels)
 
 
 def variance_scale(rows: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
