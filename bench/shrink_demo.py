@@ -2,17 +2,18 @@
 the demo model or --model demo:gemma3: one script, one run, same data.
 
 Rows, at every whole-MLP size (the fraction of all MLP channels kept): folding with the global
-allocation (the default), with the old fixed schedule (every block but the first and last two,
-its ratio raised so the whole-MLP size is the same), and uniform (`--layers all`: the vanilla
-architecture); magnitude and activation pruning, uniform and global; with --heads, the same
+allocation (the default; also with the variance repair and with dropped misfits), with the old
+fixed schedule (every block but the first and last two, its ratio raised so the whole-MLP size
+is the same), and uniform (`--layers all`: the vanilla architecture); magnitude and activation
+pruning, uniform and global (--rows picks some); with --heads, the same
 fraction of key/value head groups too (global only: a uniform fraction of a few groups a block
 rounds to whole groups). Last, the default ACIP pass materialized at the size the default fold
 reached (targeted-layer parameters), so a reader sees what loading without remote code costs.
-Perplexity windows of 512 tokens (bench/quantize_demo.py): test and validation splits of the
-builtin corpus, the news corpus as out-of-domain text. Writes OUT/shrink_demo[_MODEL].json.
+Perplexity windows of 512 tokens (bench/quantize_demo.py): test and validation splits of
+pydoc, the news corpus as out-of-domain text; calibration (activation, ACIP) is pydoc too. Writes OUT/shrink_demo[_MODEL].json.
 
-    python bench/shrink_demo.py                                  # ~15 min on 2 cores
-    python bench/shrink_demo.py --model demo:gemma3 --sizes 0.9 --windows 2 --acip-steps 0
+    python bench/shrink_demo.py                                  # ~35 min on 2 cores
+    python bench/shrink_demo.py --model demo:gemma3 --sizes 0.9 --windows 2 --acip-steps 0  # ~60 min
 """
 
 import argparse
@@ -65,7 +66,7 @@ def main():
     parser.add_argument("--windows", type=int, default=4, help="512-token windows per split")
     parser.add_argument("--calibration-windows", type=int, default=64, help="256-token windows for activation")
     parser.add_argument("--acip-steps", type=int, default=30, help="the ACIP row's pass (0: no ACIP row)")
-    parser.add_argument("--rows", default="", help="only the rows whose name contains one of these (comma-separated)")
+    parser.add_argument("--rows", default="", help="only the rows whose name contains one of these (';'-separated)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     sizes = [float(s) for s in args.sizes.split(",")]
@@ -80,7 +81,7 @@ def main():
     results = {"protocol": {"model": args.model, "sizes": sizes, "heads": args.heads, "windows_of_512": args.windows,
                             "calibration": f"builtin, {len(data)} x 256 tokens", "acip_steps": args.acip_steps},
                "versions": versions(), "dense": measure(base), "runs": {}}
-    wanted = [part for part in args.rows.split(",") if part]
+    wanted = [part for part in args.rows.split(";") if part]  # row names hold commas
     for name, (shrink, settings) in methods(len(decoder_blocks(base)[1]), args.heads).items():
         if wanted and not any(part in name for part in wanted):
             continue

@@ -9,7 +9,7 @@ from hf_compress.allocate import random_windows
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.models import decoder_blocks, layer_shape
 from hf_compress.units import mlp_site
-from test_architectures import MATRIX, NO_FOLDING, build
+from test_architectures import build
 from test_fold import duplicate_units
 
 
@@ -54,9 +54,10 @@ def test_random_windows_open_with_bos_inside_the_vocabulary():
     assert random_windows(model).max() < model.get_input_embeddings().num_embeddings
 
 
-@pytest.mark.parametrize("arch", [a for a in MATRIX if a not in NO_FOLDING])
-def test_global_fold_on_every_architecture(arch, tmp_path):
-    """The probe calls each decoder block with the arguments its model gave it, whatever they are."""
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2", "gemma3", "opt", "falcon"])
+def test_global_fold_across_block_layouts(arch, tmp_path):
+    """The probe calls each decoder block with the arguments its model gave it, whatever they are:
+    separate and fused projections, Conv1D, a composite model's text blocks, an MLP in the block."""
     model = build(arch)
     inputs = tiny_data(2)
     fold(model, ratio=0.7, layers="global", show_progress=False)
