@@ -94,12 +94,12 @@ class SiteCost:
         return self.cache[k]
 
 
-def allocate(model, found: list[tuple[int, Site]], ratio: float, selection: Selection, windows: torch.Tensor,
-             multiple: int = 1, show_progress: bool = True) -> dict[int, float]:
+def allocate(model, found: list[tuple[int, Site]], ratio: float, selection: Selection,
+             inputs: dict[int, tuple[tuple, dict]], multiple: int = 1, show_progress: bool = True) -> dict[int, float]:
     """Block -> ratio for the sites `found` (one kind: all MLPs or all attentions), so that their
-    units together are `ratio` of their number at the least summed relative squared error."""
+    units together are `ratio` of their number at the least summed relative squared error;
+    `inputs` are `block_inputs` on the probe windows."""
     _, blocks = decoder_blocks(model)
-    inputs = block_inputs(model, windows)
     costs = {index: SiteCost(blocks[index], index, site, inputs[index], selection, multiple) for index, site in found}
     kept = {index: cost.units for index, cost in costs.items()}
     budget = sum(kept.values()) - round(ratio * sum(kept.values()))  # units to remove
@@ -138,10 +138,11 @@ def planned_sites(model, config: UnitConfig, selection: Selection, windows: torc
     if config.layers != "global":
         return found
     check_head_counts(decoder_blocks(model)[1], config, uniform=False)
+    inputs = block_inputs(model, windows)  # one forward serves both kinds
     planned = []
     for kind, ratio, multiple in (("mlp", config.ratio, width_multiple(config.quantize)),
                                   ("attention", config.heads_ratio, 1)):
         group = [(index, site) for index, _, site in found if site.kind == kind]
-        ratios = allocate(model, group, ratio, selection, windows, multiple, show_progress) if group and ratio < 1 else {}
+        ratios = allocate(model, group, ratio, selection, inputs, multiple, show_progress) if group and ratio < 1 else {}
         planned += [(index, ratios.get(index, 1.0), site) for index, site in group]
     return sorted(planned, key=lambda entry: entry[0])

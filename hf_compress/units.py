@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from .checkpoint import mark_compressed, source_sizes
 from .errors import HfCompressError
 from .modeling_hf_compress import layer_like, replace_layer_
-from .models import decoder_blocks, dense_weight, find_targets, layer_shape, require_dense, set_dense_weight
+from .models import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight
 from .quantize import check_method, quantize, width_multiple
 
 SCHEDULES = ("global", "middle", "all")
@@ -320,18 +320,16 @@ def sites(model: PreTrainedModel, config: UnitConfig) -> list[tuple[int, float, 
 
 
 @torch.no_grad()
-def shrink(model: PreTrainedModel, config: UnitConfig, selection: Selection, show_progress: bool = True,
-           found: list[tuple[int, float, Site]] | None = None, **record) -> PreTrainedModel:
-    """Shrink `model` in place with `selection` over `config`'s schedule and return it (quantized,
-    a new model, if `quantize` is set). Shrinking every block at one ratio (layers="all") keeps
-    the architecture (smaller intermediate_size / head counts, no remote code needed); any other
-    schedule records per-layer shapes for the self-contained checkpoint format. `record` goes
-    into the config beside what every shrink records; `found` is `sites(model, config)` (or an
-    allocation of `allocate.py`) when the caller already has it."""
+def shrink(model: PreTrainedModel, config: UnitConfig, selection: Selection, found: list[tuple[int, float, Site]],
+           show_progress: bool = True, **record) -> PreTrainedModel:
+    """Shrink `model` in place with `selection` at the (block, ratio, site) entries `found`
+    (`allocate.planned_sites`, which also checks the model) and return it (quantized, a new
+    model, if `quantize` is set). Shrinking every block at one ratio keeps the architecture
+    (smaller intermediate_size / head counts, no remote code needed); anything else records
+    per-layer shapes for the self-contained checkpoint format. `record` goes into the config
+    beside what every shrink records."""
     text_config = model.config.get_text_config()
     _, blocks = decoder_blocks(model)
-    require_dense(model, config.verb, f"{config.verb} first, then compress")
-    found = found or sites(model, config)
     sizes = source_sizes(model)
     dense_params = sum(layer_shape(m).dense_params for m in find_targets(model).values())
     uniform = _uniform(found, len(blocks))

@@ -75,4 +75,4 @@ def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress
     config = config or FoldConfig(**overrides)
     chosen = selection(config)
     found = planned_sites(model, config, chosen, random_windows(model, seed=config.seed), show_progress)
-    return shrink(model, config, chosen, show_progress, found)
+    return shrink(model, config, chosen, found, show_progress)

@@ -67,11 +67,11 @@ def prune(model: PreTrainedModel, data: torch.Tensor | None = None, config: Prun
     config = config or PruneConfig(**overrides)
     if not config.needs_data:
         found = planned_sites(model, config, Magnitude(), random_windows(model), show_progress)
-        return shrink(model, config, Magnitude(), show_progress, found)
+        return shrink(model, config, Magnitude(), found, show_progress)
     if data is None or len(data) == 0:
         raise HfCompressError(f"prune method '{config.method}' needs calibration windows")
     table = activation_scores(model, data, sites(model, config), config.batch_size, show_progress)
     chosen = Activation(table)
     found = planned_sites(model, config, chosen, data[:PROBE_WINDOWS, :PROBE_LENGTH], show_progress)
     about = {"windows": len(data), "seq_len": data.shape[1]} | ({"dataset": dataset} if dataset else {})
-    return shrink(model, config, chosen, show_progress, found, **about)
+    return shrink(model, config, chosen, found, show_progress, **about)
