@@ -5,7 +5,8 @@ Rows, at every whole-MLP size (the fraction of all MLP channels kept): folding w
 allocation (the default; also with the variance repair and with dropped misfits), with the old
 fixed schedule (every block but the first and last two, its ratio raised so the whole-MLP size
 is the same), and uniform (`--layers all`: the vanilla architecture); magnitude and activation
-pruning, uniform and global (--rows picks some); with --heads, the same
+pruning, uniform and global, and torque pruning (one training for all its cells: the first
+cell's seconds include it) (--rows picks some); with --heads, the same
 fraction of key/value head groups too (global only: a uniform fraction of a few groups a block
 rounds to whole groups). Last, the default ACIP pass materialized at the size the default fold
 reached (targeted-layer parameters), so a reader sees what loading without remote code costs.
@@ -18,6 +19,7 @@ pydoc, the news corpus as out-of-domain text; calibration (activation, ACIP) is 
 
 import argparse
 import copy
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +36,9 @@ from quantize_demo import perplexity_splits
 HERE = Path(__file__).parent
 
 
-def methods(n_blocks: int, heads: bool) -> dict:
-    """name -> (function, settings at size s): every shrink the benchmark runs."""
+def methods(n_blocks: int, heads: bool, torque: dict) -> dict:
+    """name -> (function, settings at size s): every shrink the benchmark runs (`torque`: the
+    torque rows' training settings, one run directory for both, so one training serves all)."""
     edge = min(2, (n_blocks - 1) // 4)
     middle = n_blocks - 2 * edge
 
@@ -51,7 +54,9 @@ def methods(n_blocks: int, heads: bool) -> dict:
             "magnitude, uniform": (hfc.prune, lambda s: dict(method="magnitude", layers="all", ratio=s)),
             "magnitude, global": (hfc.prune, lambda s: dict(method="magnitude", layers="global", ratio=s)),
             "activation, uniform": (hfc.prune, lambda s: dict(layers="all", ratio=s)),
-            "activation, global": (hfc.prune, lambda s: dict(layers="global", ratio=s))}
+            "activation, global": (hfc.prune, lambda s: dict(layers="global", ratio=s)),
+            "torque, uniform": (hfc.prune, lambda s: dict(layers="all", ratio=s, **torque)),
+            "torque, global": (hfc.prune, lambda s: dict(layers="global", ratio=s, **torque))}
     if heads:
         rows = {f"{name} + heads": (fn, lambda s, settings=settings: settings(s) | dict(heads_ratio=s))
                 for name, (fn, settings) in rows.items() if "global" in name}
@@ -65,6 +70,7 @@ def main():
     parser.add_argument("--heads", action="store_true", help="shrink key/value head groups by the same fraction")
     parser.add_argument("--windows", type=int, default=4, help="512-token windows per split")
     parser.add_argument("--calibration-windows", type=int, default=64, help="256-token windows for activation")
+    parser.add_argument("--torque-steps", type=int, default=40, help="the torque rows' training steps")
     parser.add_argument("--acip-steps", type=int, default=30, help="the ACIP row's pass (0: no ACIP row)")
     parser.add_argument("--rows", default="", help="only the rows whose name contains one of these (';'-separated)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -79,10 +85,12 @@ def main():
         return {name: round(perplexity(model, windows)["perplexity"], 3) for name, windows in splits.items()}
 
     results = {"protocol": {"model": args.model, "sizes": sizes, "heads": args.heads, "windows_of_512": args.windows,
-                            "calibration": f"builtin, {len(data)} x 256 tokens", "acip_steps": args.acip_steps},
+                            "calibration": f"builtin, {len(data)} x 256 tokens", "acip_steps": args.acip_steps,
+                            "torque_steps": args.torque_steps},
                "versions": versions(), "dense": measure(base), "runs": {}}
     wanted = [part for part in args.rows.split(";") if part]  # row names hold commas
-    for name, (shrink, settings) in methods(len(decoder_blocks(base)[1]), args.heads).items():
+    torque = dict(method="torque", max_steps=args.torque_steps, progress_dir=tempfile.mkdtemp())
+    for name, (shrink, settings) in methods(len(decoder_blocks(base)[1]), args.heads, torque).items():
         if wanted and not any(part in name for part in wanted):
             continue
         results["runs"][name] = {}

@@ -210,6 +210,10 @@ def _calibration(info: dict) -> str | None:
                  f"{config['batch_size']} windows each")
         text += (f"; the whitened basis came from {config['whitening_windows']} windows."
                  if config["basis"] == "whitened" else ", in the plain SVD basis.")
+    prune = info.get("prune", {})
+    if prune.get("method") == "torque":
+        text += (f" The weights were trained {prune['max_steps']} steps of {prune['batch_size']} windows under "
+                 f"exponential torque (strength {prune['strength']}, AdamW at {prune['lr']}) before pruning.")
     return text
 
 

@@ -386,7 +386,8 @@ def prune_command(
     ratio: float = typer.Option(..., help=RATIO_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
     method: str = typer.Option("activation", help="'activation' (weights x activation norms on calibration text, "
-                               "Wanda-sp / FLAP) or 'magnitude' (weights only, no data)."),
+                               "Wanda-sp / FLAP), 'torque' (train the weights while exponential torque pulls the "
+                               "least important units to zero) or 'magnitude' (weights only, no data)."),
     heads_ratio: float = typer.Option(1.0, help=HEADS_HELP),
     layers: str = typer.Option("all", help=LAYERS_HELP),
     dataset: str = typer.Option("builtin", help="Calibration text, as for compress (ignored by magnitude)."),
@@ -394,32 +395,52 @@ def prune_command(
     dataset_split: str = typer.Option("train", help="Hub dataset split."),
     text_column: str = typer.Option("text", help="Column holding the text (.jsonl, .parquet, Hub)."),
     seq_len: int = typer.Option(256, help="Tokens per calibration window."),
-    windows: int = typer.Option(64, help="Calibration windows whose activations score the units."),
-    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    windows: Optional[int] = typer.Option(None, help="Calibration windows (default: 64 to score units; torque: "
+                                          "--max-steps x --batch-size, as many as the text gives)."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass (torque: per step, across processes)."),
+    max_steps: int = typer.Option(100, help="torque: training steps."),
+    lr: float = typer.Option(1e-5, help="torque: AdamW learning rate of the weights."),
+    strength: float = typer.Option(4.0, help="torque: mean unit norms the farthest unit loses over the run."),
+    save_every: int = typer.Option(10, help="torque: steps between resumable checkpoints."),
+    progress_dir: Optional[Path] = typer.Option(None, help="torque: where the run's resumable state goes (default: "
+                                                "beside OUTPUT, removed when done); a directory named here is "
+                                                "kept, and a later prune with other ratios reuses the finished run."),
     quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP + " Pruned widths are rounded to what the kernel packs."),
     quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists (and discard an unfinished run)."),
     trust_remote_code: bool = _trust_option(),
 ):
     """Prune whole MLP channels and key/value head groups into a smaller model of the same architecture."""
+    from .acip.train import clear_progress
     from .checkpoint import save_checkpoint
     from .data import calibration_data
     from .io import check_output
+    from .models import process_state
     from .prune import PruneConfig, prune
 
     config = PruneConfig(ratio=ratio, heads_ratio=heads_ratio, layers=_parse_layers(layers, ratio), method=method,
-                         batch_size=batch_size, quantize=quantize, quantize_head=quantize_head)
+                         batch_size=batch_size, max_steps=max_steps, lr=lr, strength=strength, save_every=save_every,
+                         quantize=quantize, quantize_head=quantize_head)
     check_output(output, overwrite)
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # torque trains where Accelerate puts it
+    progress = progress_dir or _progress_dir(output)
+    if overwrite:
+        clear_progress(progress)
     net, tokenizer = _load(model, device, dtype, trust_remote_code)
+    windows = windows or (max_steps * batch_size if method == "torque" else 64)
     data = calibration_data(tokenizer, dataset, seq_len=seq_len, max_windows=windows, text_column=text_column,
                             dataset_config=dataset_config, dataset_split=dataset_split) if config.needs_data else None
     start = time.perf_counter()
-    net = prune(net, data, config, dataset=dataset)
+    net = prune(net, data, config, dataset=dataset, progress_dir=progress)
     seconds = time.perf_counter() - start
-    save_checkpoint(net, tokenizer, output, overwrite=overwrite)
-    _print_shrunk(net, output, f"pruned in {seconds:.1f} s")
+    if process_state().is_main_process:
+        save_checkpoint(net, tokenizer, output, overwrite=overwrite)
+        if progress_dir is None:
+            clear_progress(progress)
+        _print_shrunk(net, output, f"pruned in {seconds:.1f} s")
 
 
 def _print_shrunk(net, output: Path, timing: str) -> None:

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .errors import HfCompressError
 
 
@@ -48,3 +50,11 @@ def atomic_dir(path: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_save(payload, path: Path) -> None:
+    """torch.save through a temporary file: a crash mid-write leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)

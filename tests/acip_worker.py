@@ -1,7 +1,8 @@
 """Run a short ACIP pass on a tiny seeded model and save its score map (single or multi-process).
 
 Used by test_distributed.py: `python acip_worker.py OUT` or `torchrun --nproc_per_node 2 ...`
-(OBJECTIVE=acip for another objective than the default).
+(OBJECTIVE=acip for another objective than the default; PRUNE=torque saves a torque-pruned
+model's weights instead).
 """
 
 import os
@@ -43,6 +44,12 @@ if __name__ == "__main__":
     record_sharding(rows_held, objective)
     model = tiny_model()
     data = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
+    if os.environ.get("PRUNE") == "torque":
+        pruned = hfc.prune(model, data, method="torque", ratio=0.5, max_steps=6, batch_size=4, lr=1e-4, strength=3.0,
+                           show_progress=False)
+        if PartialState().is_main_process:
+            torch.save(pruned.state_dict(), sys.argv[1])
+        sys.exit()
     result = hfc.acip(model, data, max_steps=12, stop_ratio=0.3, batch_size=4, lora_rank=2, objective=objective,
                       show_progress=False)
     if PartialState().is_main_process:

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo, torchrun), under DDP or FSDP, rank singular values as one process does."""
+"""Two CPU processes (gloo, torchrun), under DDP or FSDP, rank singular values (and torque-prune) as one process
+does."""
 
 import os
 import subprocess
@@ -44,3 +45,11 @@ def test_fsdp_gives_the_single_process_score_map(tmp_path):
         if name != "_summary":
             torch.testing.assert_close(sharded[name], scores, rtol=0, atol=1e-4)
             assert torch.equal(sharded[name] <= 0, scores <= 0)
+
+
+def test_two_processes_train_and_prune_under_torque_as_one_does(tmp_path):
+    single = run_worker(tmp_path / "one.pt", 1, PRUNE="torque")
+    double = run_worker(tmp_path / "two.pt", 2, PRUNE="torque")
+    assert single.keys() == double.keys()
+    for name, weight in single.items():
+        torch.testing.assert_close(double[name], weight, rtol=0, atol=1e-4)

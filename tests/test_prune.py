@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli, tiny_data, tiny_model
+from conftest import ARCHS, run_cli, tiny_data, tiny_model
 from hf_compress import HfCompressError, PruneConfig, prune
-from hf_compress.models import dense_weight
+from hf_compress.models import decoder_blocks, dense_weight
 from hf_compress.prune.model import activation_scores
+from hf_compress.prune.torque import UnitGroup, torque_scores
 from hf_compress.units import sites
 
 
@@ -102,3 +103,84 @@ def test_cli_magnitude_prune_needs_no_data_and_bad_input_leaves_nothing(monkeypa
     assert "magnitude pruning is data-free" in (tmp_path / "pruned" / "README.md").read_text()
     code, _, err = run_cli(monkeypatch, capsys, "prune", tmp_path / "tiny", "--ratio", 0, "--output", tmp_path / "x")
     assert code == 1 and "ratio must be in (0, 1]" in err and not (tmp_path / "x").exists()
+
+
+TORQUE = dict(method="torque", max_steps=8, batch_size=2, lr=1e-4, strength=3.0, show_progress=False)
+
+
+def test_torque_kills_the_units_farthest_from_the_pivot_and_prunes_the_dead_first():
+    model, data = tiny_model(), tiny_data(8)
+    config = PruneConfig(ratio=0.75, **{k: v for k, v in TORQUE.items() if k != "show_progress"})
+    found = sites(model, config)
+    importance = activation_scores(model, data, found, batch_size=4, show_progress=False)
+    scores = torque_scores(model, data, found, config, importance, show_progress=False)[0, "mlp"]
+    order = importance[0, "mlp"].argsort(descending=True)
+    assert (scores[order[-10:]] < 0).all() and (scores[order[:10]] > 0.5).all()  # far ones died, near ones live
+    assert (scores > 0).float().mean() > 0.6
+    pruned = prune(tiny_model(), data, ratio=0.75, **TORQUE)
+    assert pruned.config.intermediate_size == 72 and pruned.config.hf_compress["steps"] == 8
+    assert pruned.model.layers[0].mlp.down_proj.weight.abs().sum(0).gt(0).all()  # only live units were kept
+
+
+def test_an_interrupted_torque_run_resumes_and_a_finished_one_serves_any_ratio(tmp_path, monkeypatch, capsys):
+    data = tiny_data(8)
+    straight = prune(tiny_model(), data, ratio=0.5, **TORQUE)
+    from hf_compress.prune import torque
+
+    real_pull = torque.UnitGroup.pull
+
+    def pull(self, strength, step):
+        if step == 6:
+            raise KeyboardInterrupt
+        real_pull(self, strength, step)
+
+    monkeypatch.setattr(torque.UnitGroup, "pull", pull)
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_model(), data, ratio=0.5, progress_dir=tmp_path, save_every=4, **TORQUE)
+    monkeypatch.setattr(torque.UnitGroup, "pull", real_pull)
+    resumed = prune(tiny_model(), data, ratio=0.5, progress_dir=tmp_path, save_every=4, **TORQUE)
+    assert "resuming the torque run at step 4" in capsys.readouterr().out
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(torque.UnitGroup, "pull", None)  # a finished run trains no more
+    other = prune(tiny_model(), data, ratio=0.75, progress_dir=tmp_path, save_every=4, **TORQUE)
+    assert other.config.intermediate_size == 72
+    with pytest.raises(HfCompressError, match="other settings or data"):
+        prune(tiny_model(), tiny_data(8, seed=2), ratio=0.5, progress_dir=tmp_path, save_every=4, **TORQUE)
+
+
+def test_cli_torque_prune_writes_a_plain_checkpoint_and_removes_its_progress(monkeypatch, capsys, tmp_path, tokenizer):
+    tiny_model("qwen2").save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    code, _, err = run_cli(monkeypatch, capsys, "prune", tmp_path / "tiny", "--ratio", 0.5, "--heads-ratio", 0.5,
+                           "--method", "torque", "--max-steps", 4, "--batch-size", 2, "--seq-len", 32,
+                           "--output", tmp_path / "pruned")
+    assert code in (0, None), err
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert (reloaded.config.intermediate_size, reloaded.config.num_key_value_heads) == (48, 1)
+    assert reloaded.config.hf_compress["prune"]["method"] == "torque"
+    assert "trained 4 steps of 2 windows under exponential torque" in (tmp_path / "pruned" / "README.md").read_text()
+    assert not list(tmp_path.glob(".pruned*"))  # no progress, no temporary directory left
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_torque_unit_is_its_rows_and_columns_in_every_layout(arch):
+    """Killing unit 1 of each site through its views zeroes exactly its rows and columns (fused
+    gate_up / qkv, GPT-2's transposed Conv1D included)."""
+    model = tiny_model(arch)
+    heads = 0.5 if arch != "gpt2" else 1.0
+    for index, _, site in sites(model, PruneConfig(ratio=0.5, heads_ratio=heads)):
+        block = model.get_submodule(decoder_blocks(model)[0])[index]
+        before = {seg.module: dense_weight(block.get_submodule(seg.module)).detach().clone()
+                  for seg in site.reads + site.writes}
+        group = UnitGroup(block, site, torch.arange(site.reads[0].units, 0, -1).float())
+        for piece in group.pieces:
+            piece.view()[1] = 0
+        expected = {path: weight.clone() for path, weight in before.items()}
+        for seg in site.reads:
+            expected[seg.module][seg.start + seg.per_unit: seg.start + 2 * seg.per_unit] = 0
+        for seg in site.writes:
+            expected[seg.module][:, seg.start + seg.per_unit: seg.start + 2 * seg.per_unit] = 0
+        for path, weight in expected.items():
+            assert torch.equal(dense_weight(block.get_submodule(path)), weight), (arch, site.kind, path)
+        assert group.norms()[1] == 0 and group.rank[0] == 0 and group.rank[-1] == len(group.rank) - 1

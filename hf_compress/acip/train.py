@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import source_of, source_sizes
 from ..errors import HfCompressError
+from ..io import atomic_save
 from ..models import decoder_blocks, expert_params, find_targets, require_dense
 from .compressible import CompressibleModel, LayerFactors
 from .config import AcipConfig
@@ -208,7 +209,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
         bar = tqdm(total=config.max_steps, initial=state["step"], desc="ACIP",
                    disable=not show_progress)
         # Eval mode: no dropout, so the ranking is deterministic and equal across processes.
-        for (batch,) in _cycle(accelerator, loader, state["step"]):
+        for (batch,) in cycle_batches(accelerator, loader, state["step"]):
             if state["step"] >= config.max_steps or ratio <= config.stop_ratio:
                 break
             started = time.perf_counter()
@@ -353,7 +354,7 @@ def checkpointed_blocks(model: nn.Module, enabled: bool = True):
             del block.forward
 
 
-def _cycle(accelerator, loader, start_step: int):
+def cycle_batches(accelerator, loader, start_step: int):
     """Batches forever, starting where step `start_step` left off (cycling with a fixed order)."""
     skip = start_step % len(loader)
     while True:
@@ -374,10 +375,7 @@ def _save_progress(accelerator, path: Path, config, model, layers, optimizer, ob
                "optimizer": None if optimizer is None else get_optimizer_state_dict(
                    model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))}
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+        atomic_save(payload, path)
     accelerator.wait_for_everyone()
 
 

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import HfCompressError
-from ..models import decoder_blocks, dense_weight
+from ..models import decoder_blocks, dense_weight, require_dense
 from ..allocate import PROBE_LENGTH, PROBE_WINDOWS, planned_sites, random_windows
 from ..units import Magnitude, Site, TopK, shrink, sites
 from .config import PruneConfig
+from .torque import torque_scores
 
 
-class Activation(TopK):
-    """Wanda-sp / FLAP: a unit scores sum over its output-side columns j of |W[:, j]|_1 x ||x_j||,
-    x_j that column's input over the calibration tokens, so a unit with large weights that is
-    rarely active scores as low as an active unit with small weights."""
+class Scored(TopK):
+    """Keep the units a method scored highest: (block, site kind) -> one score per unit."""
 
     def __init__(self, table: dict[tuple[int, str], torch.Tensor]):
         self.table = table
@@ -28,7 +29,10 @@ class Activation(TopK):
 @torch.no_grad()
 def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tuple[int, float, Site]],
                       batch_size: int, show_progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
-    """(block, site kind) -> each unit's `Activation` score, from one forward sweep over `data`."""
+    """(block, site kind) -> each unit's score from one forward sweep over `data`, as Wanda-sp /
+    FLAP: the sum over its output-side columns j of |W[:, j]|_1 x ||x_j||, x_j that column's input
+    over the calibration tokens, so a unit with large weights that is rarely active scores as low
+    as an active unit with small weights."""
     _, blocks = decoder_blocks(model)
     squares: dict[tuple[int, str], torch.Tensor] = {}  # sum over tokens of each input column squared
 
@@ -60,18 +64,25 @@ def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tu
 
 
 def prune(model: PreTrainedModel, data: torch.Tensor | None = None, config: PruneConfig | None = None,
-          show_progress: bool = True, dataset: str | None = None, **overrides) -> PreTrainedModel:
+          show_progress: bool = True, dataset: str | None = None, progress_dir: str | Path | None = None,
+          **overrides) -> PreTrainedModel:
     """Prune `model` in place and return it (quantized, a new model, if `quantize` is set);
     `data` holds calibration windows (n, seq_len), needed by every method but "magnitude";
-    `dataset` names where they came from, for the model card."""
+    `dataset` names where they came from, for the model card. "torque" trains the model first
+    (resumable from `progress_dir`, which, once finished, serves any other ratio at once)."""
     config = config or PruneConfig(**overrides)
     if not config.needs_data:
         found = planned_sites(model, config, Magnitude(), random_windows(model), show_progress)
         return shrink(model, config, Magnitude(), found, show_progress)
     if data is None or len(data) == 0:
         raise HfCompressError(f"prune method '{config.method}' needs calibration windows")
-    table = activation_scores(model, data, sites(model, config), config.batch_size, show_progress)
-    chosen = Activation(table)
-    found = planned_sites(model, config, chosen, data[:PROBE_WINDOWS, :PROBE_LENGTH], show_progress)
+    require_dense(model, config.verb, f"{config.verb} first, then compress")
+    found = sites(model, config)
+    table = activation_scores(model, data, found, config.batch_size, show_progress)
     about = {"windows": len(data), "seq_len": data.shape[1]} | ({"dataset": dataset} if dataset else {})
+    if config.method == "torque":
+        table = torque_scores(model, data, found, config, table, progress_dir, show_progress)
+        about["steps"] = config.max_steps
+    chosen = Scored(table)
+    found = planned_sites(model, config, chosen, data[:PROBE_WINDOWS, :PROBE_LENGTH], show_progress)
     return shrink(model, config, chosen, found, show_progress, **about)
