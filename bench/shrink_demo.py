@@ -5,8 +5,8 @@ Rows, at every whole-MLP size (the fraction of all MLP channels kept): folding w
 allocation (the default; also with the variance repair and with dropped misfits), with the old
 fixed schedule (every block but the first and last two, its ratio raised so the whole-MLP size
 is the same), and uniform (`--layers all`: the vanilla architecture); magnitude and activation
-pruning, uniform and global, and torque pruning (one training for all its cells: the first
-cell's seconds include it) (--rows picks some); with --heads, the same
+pruning, uniform and global, and torque pruning (a training per size, which the global row reads
+back: its seconds are the uniform row's) (--rows picks some); with --heads, the same
 fraction of key/value head groups too (global only: a uniform fraction of a few groups a block
 rounds to whole groups). Last, the default ACIP pass materialized at the size the default fold
 reached (targeted-layer parameters), so a reader sees what loading without remote code costs.
@@ -36,11 +36,16 @@ from quantize_demo import perplexity_splits
 HERE = Path(__file__).parent
 
 
-def methods(n_blocks: int, heads: bool, torque: dict) -> dict:
-    """name -> (function, settings at size s): every shrink the benchmark runs (`torque`: the
-    torque rows' training settings, one run directory for both, so one training serves all)."""
+def methods(n_blocks: int, heads: bool, torque_steps: int) -> dict:
+    """name -> (function, settings at size s): every shrink the benchmark runs (the two torque
+    rows share one run directory per size: the global row reads the uniform row's training back)."""
     edge = min(2, (n_blocks - 1) // 4)
     middle = n_blocks - 2 * edge
+
+    runs = tempfile.mkdtemp()
+
+    def torque(s):
+        return dict(method="torque", ratio=s, max_steps=torque_steps, progress_dir=f"{runs}/{s}")
 
     def old_schedule(s):
         return dict(layers="middle", ratio=max(0.05, (s * n_blocks - 2 * edge) / middle))
@@ -55,8 +60,8 @@ def methods(n_blocks: int, heads: bool, torque: dict) -> dict:
             "magnitude, global": (hfc.prune, lambda s: dict(method="magnitude", layers="global", ratio=s)),
             "activation, uniform": (hfc.prune, lambda s: dict(layers="all", ratio=s)),
             "activation, global": (hfc.prune, lambda s: dict(layers="global", ratio=s)),
-            "torque, uniform": (hfc.prune, lambda s: dict(layers="all", ratio=s, **torque)),
-            "torque, global": (hfc.prune, lambda s: dict(layers="global", ratio=s, **torque))}
+            "torque, uniform": (hfc.prune, lambda s: torque(s) | dict(layers="all")),
+            "torque, global": (hfc.prune, lambda s: torque(s) | dict(layers="global"))}
     if heads:
         rows = {f"{name} + heads": (fn, lambda s, settings=settings: settings(s) | dict(heads_ratio=s))
                 for name, (fn, settings) in rows.items() if "global" in name}
@@ -89,8 +94,7 @@ def main():
                             "torque_steps": args.torque_steps},
                "versions": versions(), "dense": measure(base), "runs": {}}
     wanted = [part for part in args.rows.split(";") if part]  # row names hold commas
-    torque = dict(method="torque", max_steps=args.torque_steps, progress_dir=tempfile.mkdtemp())
-    for name, (shrink, settings) in methods(len(decoder_blocks(base)[1]), args.heads, torque).items():
+    for name, (shrink, settings) in methods(len(decoder_blocks(base)[1]), args.heads, args.torque_steps).items():
         if wanted and not any(part in name for part in wanted):
             continue
         results["runs"][name] = {}

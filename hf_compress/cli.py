@@ -400,11 +400,9 @@ def prune_command(
     batch_size: int = typer.Option(4, help="Windows per forward pass (torque: per step, across processes)."),
     max_steps: int = typer.Option(100, help="torque: training steps."),
     lr: float = typer.Option(1e-5, help="torque: AdamW learning rate of the weights."),
-    strength: float = typer.Option(4.0, help="torque: mean unit norms the farthest unit loses over the run."),
+    strength: float = typer.Option(1.0, help="torque: the pull on the first unit to be pruned over the run, in "
+                                   "its own norms (those beyond it are pulled exponentially harder)."),
     save_every: int = typer.Option(10, help="torque: steps between resumable checkpoints."),
-    progress_dir: Optional[Path] = typer.Option(None, help="torque: where the run's resumable state goes (default: "
-                                                "beside OUTPUT, removed when done); a directory named here is "
-                                                "kept, and a later prune with other ratios reuses the finished run."),
     quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP + " Pruned widths are rounded to what the kernel packs."),
     quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
@@ -426,7 +424,7 @@ def prune_command(
     check_output(output, overwrite)
     if device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"  # torque trains where Accelerate puts it
-    progress = progress_dir or _progress_dir(output)
+    progress = _progress_dir(output)  # torque's resumable state, removed when done
     if overwrite:
         clear_progress(progress)
     net, tokenizer = _load(model, device, dtype, trust_remote_code)
@@ -438,8 +436,7 @@ def prune_command(
     seconds = time.perf_counter() - start
     if process_state().is_main_process:
         save_checkpoint(net, tokenizer, output, overwrite=overwrite)
-        if progress_dir is None:
-            clear_progress(progress)
+        clear_progress(progress)
         _print_shrunk(net, output, f"pruned in {seconds:.1f} s")
 
 

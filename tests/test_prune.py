@@ -105,7 +105,7 @@ def test_cli_magnitude_prune_needs_no_data_and_bad_input_leaves_nothing(monkeypa
     assert code == 1 and "ratio must be in (0, 1]" in err and not (tmp_path / "x").exists()
 
 
-TORQUE = dict(method="torque", max_steps=8, batch_size=2, lr=1e-4, strength=3.0, show_progress=False)
+TORQUE = dict(method="torque", max_steps=8, batch_size=2, lr=1e-4, strength=1.0, show_progress=False)
 
 
 def test_torque_kills_the_units_farthest_from_the_pivot_and_prunes_the_dead_first():
@@ -115,14 +115,14 @@ def test_torque_kills_the_units_farthest_from_the_pivot_and_prunes_the_dead_firs
     importance = activation_scores(model, data, found, batch_size=4, show_progress=False)
     scores = torque_scores(model, data, found, config, importance, show_progress=False)[0, "mlp"]
     order = importance[0, "mlp"].argsort(descending=True)
-    assert (scores[order[-10:]] < 0).all() and (scores[order[:10]] > 0.5).all()  # far ones died, near ones live
-    assert (scores > 0).float().mean() > 0.6
+    assert (scores[order[-10:]] < 0).all() and (scores[order[:10]] > 1).all()  # far ones died, near ones live
+    assert (scores > 0).float().mean() >= 0.7  # mostly the units beyond the 72 kept
     pruned = prune(tiny_model(), data, ratio=0.75, **TORQUE)
     assert pruned.config.intermediate_size == 72 and pruned.config.hf_compress["steps"] == 8
     assert pruned.model.layers[0].mlp.down_proj.weight.abs().sum(0).gt(0).all()  # only live units were kept
 
 
-def test_an_interrupted_torque_run_resumes_and_a_finished_one_serves_any_ratio(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_torque_run_resumes_and_a_finished_one_is_read_back(tmp_path, monkeypatch, capsys):
     data = tiny_data(8)
     straight = prune(tiny_model(), data, ratio=0.5, **TORQUE)
     from hf_compress.prune import torque
@@ -143,10 +143,12 @@ def test_an_interrupted_torque_run_resumes_and_a_finished_one_serves_any_ratio(t
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
     monkeypatch.setattr(torque.UnitGroup, "pull", None)  # a finished run trains no more
-    other = prune(tiny_model(), data, ratio=0.75, progress_dir=tmp_path, save_every=4, **TORQUE)
-    assert other.config.intermediate_size == 72
-    with pytest.raises(HfCompressError, match="other settings or data"):
-        prune(tiny_model(), tiny_data(8, seed=2), ratio=0.5, progress_dir=tmp_path, save_every=4, **TORQUE)
+    again = prune(tiny_model(), data, ratio=0.5, progress_dir=tmp_path, save_every=4, **TORQUE)
+    for a, b in zip(straight.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b)
+    for ratio, windows in ((0.75, data), (0.5, tiny_data(8, seed=2))):  # the run is tied to its ratio and data
+        with pytest.raises(HfCompressError, match="other settings or data"):
+            prune(tiny_model(), windows, ratio=ratio, progress_dir=tmp_path, save_every=4, **TORQUE)
 
 
 def test_cli_torque_prune_writes_a_plain_checkpoint_and_removes_its_progress(monkeypatch, capsys, tmp_path, tokenizer):
@@ -173,7 +175,7 @@ def test_a_torque_unit_is_its_rows_and_columns_in_every_layout(arch):
         block = model.get_submodule(decoder_blocks(model)[0])[index]
         before = {seg.module: dense_weight(block.get_submodule(seg.module)).detach().clone()
                   for seg in site.reads + site.writes}
-        group = UnitGroup(block, site, torch.arange(site.reads[0].units, 0, -1).float())
+        group = UnitGroup(block, site, torch.arange(site.reads[0].units, 0, -1).float(), kept=1)
         for piece in group.pieces:
             piece.view()[1] = 0
         expected = {path: weight.clone() for path, weight in before.items()}

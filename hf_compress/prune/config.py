@@ -16,15 +16,15 @@ class PruneConfig(UnitConfig):
     its activation on calibration text (Wanda-sp / FLAP, one forward sweep over `batch_size`
     windows at a time); "magnitude" by its weights alone and needs no data; "torque" trains the
     weights for `max_steps` steps of `batch_size` windows (AdamW at `lr`) while exponential
-    torque pulls the least important units to zero (`strength`: how many mean unit norms the
-    farthest unit loses over the run; prune/torque.py)."""
+    torque pulls the least important units to zero (`strength`: the pull on the first unit to
+    be pruned over the run, in its own norms; prune/torque.py)."""
 
     layers: str | list[int] | dict[int, float] = "all"  # the same architecture
     method: str = "activation"
     batch_size: int = 4
     max_steps: int = 100
     lr: float = 1e-5
-    strength: float = 4.0
+    strength: float = 1.0
     save_every: int = 10
     gradient_checkpointing: bool = True
     seed: int = 0

@@ -69,7 +69,7 @@ def prune(model: PreTrainedModel, data: torch.Tensor | None = None, config: Prun
     """Prune `model` in place and return it (quantized, a new model, if `quantize` is set);
     `data` holds calibration windows (n, seq_len), needed by every method but "magnitude";
     `dataset` names where they came from, for the model card. "torque" trains the model first
-    (resumable from `progress_dir`, which, once finished, serves any other ratio at once)."""
+    (resumable from `progress_dir`)."""
     config = config or PruneConfig(**overrides)
     if not config.needs_data:
         found = planned_sites(model, config, Magnitude(), random_windows(model), show_progress)

@@ -7,9 +7,10 @@ while the rest of the network learns to do without them.
 
 The force is applied as the proximal step of a group norm on each unit's weights (its rows in
 gate/up or q/k/v, its columns in down or o): a unit shrinks as a whole and reaches exactly zero,
-where the reference's elementwise L1 would zero single weights of the units that stay. The
-order of death (then the trained norm of the survivors) ranks the units, so one run serves
-every size.
+where the reference's elementwise L1 would zero single weights of the units that stay. Its scale
+is set by the target: over the run, the first unit to be pruned (rank k, k the units kept) is
+pulled by `strength` times its own norm, those beyond it exponentially harder. A run serves its
+ratio only: the units it kills are gone, and the rest have learned to do without them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from ..acip.train import cycle_batches, checkpointed_blocks, fsdp_requested, shu
 from ..errors import HfCompressError
 from ..io import atomic_save
 from ..models import decoder_blocks
-from ..units import Segment, Site
+from ..quantize import width_multiple
+from ..units import Segment, Site, kept_units
 from .config import PruneConfig
 
 GROWTH = 1.01 ** 500  # the force on the farthest unit over the pivot's
@@ -63,11 +65,14 @@ def _pieces(block: nn.Module, segments: tuple[Segment, ...], reads: bool) -> lis
 class UnitGroup:
     """The units of one site under torque: their weights, rank from the pivot, and deaths."""
 
-    def __init__(self, block: nn.Module, site: Site, importance: torch.Tensor):
+    def __init__(self, block: nn.Module, site: Site, importance: torch.Tensor, kept: int):
         self.pieces = _pieces(block, site.reads, True) + _pieces(block, site.writes, False)
         order = importance.argsort(descending=True)  # order[0]: the pivot
         self.rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        self.scale = float(self.norms().mean())  # the mean unit's norm at the start
+        self.kept = kept
+        norms = self.norms()
+        self.scale = float(norms.mean())  # the mean unit's norm at the start
+        self.boundary = float(norms[order[kept]]) if kept < len(order) else 0.0  # the first pruned unit's
         self.death = torch.full((len(order),), -1, dtype=torch.long)  # step of death, -1: alive
 
     @torch.no_grad()
@@ -79,11 +84,11 @@ class UnitGroup:
 
     @torch.no_grad()
     def pull(self, strength: float, step: int) -> None:
-        """Proximal step of strength x scale x GROWTH^(rank/n - 1) x |w_unit|: each unit's weights
-        shrink by that much of norm (to zero, where it dies for good)."""
+        """Proximal step of strength x boundary x GROWTH^((rank - kept) / n) x |w_unit|: each
+        unit's weights shrink by that much of norm (to zero, where it dies for good)."""
         norms = self.norms()
         n = len(norms)
-        force = strength * self.scale * GROWTH ** (self.rank.to(norms.device) / n - 1)
+        force = strength * self.boundary * GROWTH ** ((self.rank.to(norms.device) - self.kept) / n)
         factor = (1 - force / norms.clamp_min(1e-30)).clamp_min(0) * (self.death.to(norms.device) < 0)
         self.death[(factor.cpu() == 0) & (self.death < 0)] = step
         for piece in self.pieces:
@@ -91,32 +96,33 @@ class UnitGroup:
             view.mul_(factor.to(view.dtype)[:, None, None])
 
     def scores(self, steps: int) -> torch.Tensor:
-        """Higher survives longer: alive units by trained norm (in mean norms), dead ones by how
-        late they died (negative)."""
-        alive = self.death < 0
-        return torch.where(alive, self.norms().cpu() / self.scale, (self.death - steps - 1) / (steps + 1))
+        """Higher survives: alive units by their rank from the pivot (a weak pull leaves the
+        activation order), dead ones below them by how late they died."""
+        rank = self.rank.cpu().float()
+        return torch.where(self.death < 0, 2 - rank / len(rank), (self.death - steps - 1) / (steps + 1))
 
     def state(self) -> dict:
-        return {"rank": self.rank.cpu(), "scale": self.scale, "death": self.death}
+        return {"rank": self.rank.cpu(), "scale": self.scale, "boundary": self.boundary, "death": self.death}
 
     def load(self, state: dict) -> None:
-        self.rank, self.scale, self.death = state["rank"].to(self.rank.device), state["scale"], state["death"]
+        self.rank = state["rank"].to(self.rank.device)
+        self.scale, self.boundary, self.death = state["scale"], state["boundary"], state["death"]
 
 
-def _settings(config: PruneConfig, data: torch.Tensor, keys: list) -> dict:
-    """What a finished or unfinished training depends on (not the ratio: one run serves every size)."""
+def _settings(config: PruneConfig, data: torch.Tensor, groups: dict) -> dict:
+    """Everything a training depends on: a saved state with other settings is not resumed."""
     digest = hashlib.sha1(data.cpu().numpy().tobytes()).hexdigest()
-    return {"sites": [list(key) for key in keys], "data": [list(data.shape), digest],
+    return {"sites": [[*key, group.kept] for key, group in groups.items()], "data": [list(data.shape), digest],
             **{name: getattr(config, name) for name in ("max_steps", "lr", "strength", "batch_size", "seed")}}
 
 
 def torque_scores(model: nn.Module, data: torch.Tensor, found: list[tuple[int, float, Site]], config: PruneConfig,
                   importance: dict[tuple[int, str], torch.Tensor], progress_dir: str | Path | None = None,
                   show_progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
-    """Train `model` in place under torque on `data` (n x seq_len) and return (block, site kind)
-    -> each unit's score. Runs where Accelerate puts it (CPU, one GPU, DDP); with `progress_dir`
-    it writes a resumable state every `config.save_every` steps and at the end, and a rerun with
-    the same settings resumes it (or, finished, only reads it back)."""
+    """Train `model` in place under torque on `data` (n x seq_len) toward the ratios of `found`
+    and return (block, site kind) -> each unit's score. Runs where Accelerate puts it (CPU, one
+    GPU, DDP); with `progress_dir` it writes a resumable state every `config.save_every` steps
+    and at the end, and a rerun with the same settings resumes it (finished: reads it back)."""
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
     if fsdp_requested(accelerator):
         raise HfCompressError("prune --method torque trains every weight it prunes on each process: it runs on one "
@@ -133,14 +139,16 @@ def torque_scores(model: nn.Module, data: torch.Tensor, found: list[tuple[int, f
     torch.manual_seed(config.seed)
     model.to(accelerator.device).eval()  # eval: no dropout, so every process computes the same
     _, blocks = decoder_blocks(model)
-    groups = {(index, site.kind): UnitGroup(blocks[index], site, importance[index, site.kind].to(accelerator.device))
-              for index, _, site in found}
+    multiple = width_multiple(config.quantize)
+    groups = {(index, site.kind): UnitGroup(blocks[index], site, importance[index, site.kind].to(accelerator.device),
+                                            kept_units(ratio, site.reads[0].units, multiple if site.kind == "mlp" else 1))
+              for index, ratio, site in found}
     weights = list({id(w): w for g in groups.values() for w in g.weights()}.values())
     model.requires_grad_(False)
     for weight in weights:
         weight.requires_grad_(True)
     optimizer = torch.optim.AdamW(weights, lr=config.lr, weight_decay=0.0)
-    settings = _settings(config, data, list(groups))
+    settings = _settings(config, data, groups)
     progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
     state = {"step": 0, "history": []}
     if progress is not None and progress.is_file():
@@ -185,8 +193,8 @@ def _save(accelerator, path: Path, settings, weights, optimizer, groups, state) 
 def _resume(path: Path, settings, weights, optimizer, groups, accelerator) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if payload["settings"] != settings:
-        raise HfCompressError(f"{path.parent} holds a torque run with other settings or data; pass --overwrite "
-                              "to start afresh")
+        raise HfCompressError(f"{path.parent} holds a torque run with other settings or data (ratio, steps, lr, "
+                              "strength, batch, seed); pass --overwrite to start afresh")
     for weight, saved in zip(weights, payload["weights"]):
         weight.copy_(saved)
     optimizer.load_state_dict(payload["optimizer"])
