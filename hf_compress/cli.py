@@ -400,7 +400,7 @@ def prune_command(
     batch_size: int = typer.Option(4, help="Windows per forward pass (torque: per step, across processes)."),
     max_steps: int = typer.Option(100, help="torque: training steps."),
     lr: float = typer.Option(1e-5, help="torque: AdamW learning rate of the weights."),
-    strength: float = typer.Option(1.0, help="torque: the pull on the first unit to be pruned over the run, in "
+    strength: float = typer.Option(0.25, help="torque: the pull on the first unit to be pruned over the run, in "
                                    "its own norms (those beyond it are pulled exponentially harder)."),
     save_every: int = typer.Option(10, help="torque: steps between resumable checkpoints."),
     quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP + " Pruned widths are rounded to what the kernel packs."),

@@ -24,7 +24,7 @@ class PruneConfig(UnitConfig):
     batch_size: int = 4
     max_steps: int = 100
     lr: float = 1e-5
-    strength: float = 1.0
+    strength: float = 0.25
     save_every: int = 10
     gradient_checkpointing: bool = True
     seed: int = 0
