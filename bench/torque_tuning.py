@@ -29,6 +29,7 @@ def main():
     parser.add_argument("--model", default="demo")
     parser.add_argument("--sizes", default="0.9")
     parser.add_argument("--settings", default="0.5:1e-5,1:1e-5,2:1e-5,1:0,1:1e-4", help="strength:lr pairs")
+    parser.add_argument("--no-activation", action="store_true", help="leave out the activation row")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--windows", type=int, default=4, help="512-token validation windows")
@@ -49,7 +50,7 @@ def main():
     results = {"protocol": {"model": args.model, "steps": args.steps, "batch_size": 4, "seq_len": args.seq_len,
                             "calibration": f"builtin:pydoc, {len(data)} windows", "windows_of_512": args.windows},
                "versions": versions(), "dense": measure(base), "runs": {}}
-    settings = [("activation (no training)", {})] + [
+    settings = [("activation (no training)", {})] * (not args.no_activation) + [
         (f"torque strength {s}, lr {lr}", dict(method="torque", strength=float(s), lr=float(lr), max_steps=args.steps))
         for s, lr in (pair.split(":") for pair in args.settings.split(","))]
     for name, extra in settings:

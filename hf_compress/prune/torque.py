@@ -70,9 +70,7 @@ class UnitGroup:
         order = importance.argsort(descending=True)  # order[0]: the pivot
         self.rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
         self.kept = kept
-        norms = self.norms()
-        self.scale = float(norms.mean())  # the mean unit's norm at the start
-        self.boundary = float(norms[order[kept]]) if kept < len(order) else 0.0  # the first pruned unit's
+        self.boundary = float(self.norms()[order[kept]]) if kept < len(order) else 0.0  # the first pruned unit's
         self.death = torch.full((len(order),), -1, dtype=torch.long)  # step of death, -1: alive
 
     @torch.no_grad()
@@ -84,8 +82,8 @@ class UnitGroup:
 
     @torch.no_grad()
     def pull(self, strength: float, step: int) -> None:
-        """Proximal step of strength x boundary x GROWTH^((rank - kept) / n) x |w_unit|: each
-        unit's weights shrink by that much of norm (to zero, where it dies for good)."""
+        """The proximal step of the units' group norms: each unit's weights shrink by strength x
+        boundary x GROWTH^((rank - kept) / n) of norm, to zero at most (dead for good)."""
         norms = self.norms()
         n = len(norms)
         force = strength * self.boundary * GROWTH ** ((self.rank.to(norms.device) - self.kept) / n)
@@ -102,11 +100,11 @@ class UnitGroup:
         return torch.where(self.death < 0, 2 - rank / len(rank), (self.death - steps - 1) / (steps + 1))
 
     def state(self) -> dict:
-        return {"rank": self.rank.cpu(), "scale": self.scale, "boundary": self.boundary, "death": self.death}
+        return {"rank": self.rank.cpu(), "boundary": self.boundary, "death": self.death}
 
     def load(self, state: dict) -> None:
         self.rank = state["rank"].to(self.rank.device)
-        self.scale, self.boundary, self.death = state["scale"], state["boundary"], state["death"]
+        self.boundary, self.death = state["boundary"], state["death"]
 
 
 def _settings(config: PruneConfig, data: torch.Tensor, groups: dict) -> dict:
