@@ -113,7 +113,7 @@ def test_torque_kills_the_units_farthest_from_the_pivot_and_prunes_the_dead_firs
     config = PruneConfig(ratio=0.75, **{k: v for k, v in TORQUE.items() if k != "show_progress"})
     found = sites(model, config)
     importance = activation_scores(model, data, found, batch_size=4, show_progress=False)
-    scores = torque_scores(model, data, found, config, importance, show_progress=False)[0, "mlp"]
+    scores = torque_scores(model, data, found, config, lambda: importance, show_progress=False)[0, "mlp"]
     order = importance[0, "mlp"].argsort(descending=True)
     assert (scores[order[-10:]] < 0).all() and (scores[order[:10]] > 1).all()  # far ones died, near ones live
     assert (scores > 0).float().mean() >= 0.7  # mostly the units beyond the 72 kept
@@ -125,7 +125,7 @@ def test_torque_kills_the_units_farthest_from_the_pivot_and_prunes_the_dead_firs
 def test_an_interrupted_torque_run_resumes_and_a_finished_one_is_read_back(tmp_path, monkeypatch, capsys):
     data = tiny_data(8)
     straight = prune(tiny_model(), data, ratio=0.5, **TORQUE)
-    from hf_compress.prune import torque
+    from hf_compress.prune import model as prune_model, torque
 
     real_pull = torque.UnitGroup.pull
 
@@ -138,6 +138,10 @@ def test_an_interrupted_torque_run_resumes_and_a_finished_one_is_read_back(tmp_p
     with pytest.raises(KeyboardInterrupt):
         prune(tiny_model(), data, ratio=0.5, progress_dir=tmp_path, save_every=4, **TORQUE)
     monkeypatch.setattr(torque.UnitGroup, "pull", real_pull)
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a resumed run has ranked its units already")
+
+    monkeypatch.setattr(prune_model, "activation_scores", no_sweep)
     resumed = prune(tiny_model(), data, ratio=0.5, progress_dir=tmp_path, save_every=4, **TORQUE)
     assert "resuming the torque run at step 4" in capsys.readouterr().out
     for a, b in zip(straight.parameters(), resumed.parameters()):
@@ -146,6 +150,7 @@ def test_an_interrupted_torque_run_resumes_and_a_finished_one_is_read_back(tmp_p
     again = prune(tiny_model(), data, ratio=0.5, progress_dir=tmp_path, save_every=4, **TORQUE)
     for a, b in zip(straight.parameters(), again.parameters()):
         torch.testing.assert_close(a, b)
+    monkeypatch.undo()
     for ratio, windows in ((0.75, data), (0.5, tiny_data(8, seed=2))):  # the run is tied to its ratio and data
         with pytest.raises(HfCompressError, match="other settings or data"):
             prune(tiny_model(), windows, ratio=ratio, progress_dir=tmp_path, save_every=4, **TORQUE)
@@ -175,7 +180,7 @@ def test_a_torque_unit_is_its_rows_and_columns_in_every_layout(arch):
         block = model.get_submodule(decoder_blocks(model)[0])[index]
         before = {seg.module: dense_weight(block.get_submodule(seg.module)).detach().clone()
                   for seg in site.reads + site.writes}
-        group = UnitGroup(block, site, torch.arange(site.reads[0].units, 0, -1).float(), kept=1)
+        group = UnitGroup.start(block, site, kept=1, importance=torch.arange(site.reads[0].units, 0, -1).float())
         for piece in group.pieces:
             piece.view()[1] = 0
         expected = {path: weight.clone() for path, weight in before.items()}

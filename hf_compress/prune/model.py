@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -78,11 +79,13 @@ def prune(model: PreTrainedModel, data: torch.Tensor | None = None, config: Prun
         raise HfCompressError(f"prune method '{config.method}' needs calibration windows")
     require_dense(model, config.verb, f"{config.verb} first, then compress")
     found = sites(model, config)
-    table = activation_scores(model, data, found, config.batch_size, show_progress)
     about = {"windows": len(data), "seq_len": data.shape[1]} | ({"dataset": dataset} if dataset else {})
-    if config.method == "torque":
-        table = torque_scores(model, data, found, config, table, progress_dir, show_progress)
+    sweep = partial(activation_scores, model, data, found, config.batch_size, show_progress)
+    if config.method == "torque":  # a resumed torque run has ranked its units already
+        table = torque_scores(model, data, found, config, sweep, progress_dir, show_progress)
         about["steps"] = config.max_steps
+    else:
+        table = sweep()
     chosen = Scored(table)
     found = planned_sites(model, config, chosen, data[:PROBE_WINDOWS, :PROBE_LENGTH], show_progress)
     return shrink(model, config, chosen, found, show_progress, **about)

@@ -19,6 +19,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -65,13 +66,19 @@ def _pieces(block: nn.Module, segments: tuple[Segment, ...], reads: bool) -> lis
 class UnitGroup:
     """The units of one site under torque: their weights, rank from the pivot, and deaths."""
 
-    def __init__(self, block: nn.Module, site: Site, importance: torch.Tensor, kept: int):
+    def __init__(self, block: nn.Module, site: Site, kept: int, rank: torch.Tensor, boundary: float,
+                 death: torch.Tensor):
         self.pieces = _pieces(block, site.reads, True) + _pieces(block, site.writes, False)
-        order = importance.argsort(descending=True)  # order[0]: the pivot
-        self.rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        self.kept = kept
-        self.boundary = float(self.norms()[order[kept]]) if kept < len(order) else 0.0  # the first pruned unit's
-        self.death = torch.full((len(order),), -1, dtype=torch.long)  # step of death, -1: alive
+        self.kept, self.rank, self.boundary, self.death = kept, rank, boundary, death
+
+    @classmethod
+    def start(cls, block: nn.Module, site: Site, kept: int, importance: torch.Tensor) -> "UnitGroup":
+        """A fresh group: the most important unit is the pivot (rank 0), none has died."""
+        order = importance.argsort(descending=True)
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        group = cls(block, site, kept, rank, 0.0, torch.full((len(order),), -1, dtype=torch.long))
+        group.boundary = float(group.norms()[order[kept]]) if kept < len(order) else 0.0  # the first pruned unit's
+        return group
 
     @torch.no_grad()
     def norms(self) -> torch.Tensor:
@@ -102,25 +109,23 @@ class UnitGroup:
     def state(self) -> dict:
         return {"rank": self.rank.cpu(), "boundary": self.boundary, "death": self.death}
 
-    def load(self, state: dict) -> None:
-        self.rank = state["rank"].to(self.rank.device)
-        self.boundary, self.death = state["boundary"], state["death"]
 
-
-def _settings(config: PruneConfig, data: torch.Tensor, groups: dict) -> dict:
+def _settings(config: PruneConfig, data: torch.Tensor, kept: dict[tuple[int, str], int]) -> dict:
     """Everything a training depends on: a saved state with other settings is not resumed."""
     digest = hashlib.sha1(data.cpu().numpy().tobytes()).hexdigest()
-    return {"sites": [[*key, group.kept] for key, group in groups.items()], "data": [list(data.shape), digest],
+    return {"sites": [[*key, units] for key, units in kept.items()], "data": [list(data.shape), digest],
             **{name: getattr(config, name) for name in ("max_steps", "lr", "strength", "batch_size", "seed")}}
 
 
 def torque_scores(model: nn.Module, data: torch.Tensor, found: list[tuple[int, float, Site]], config: PruneConfig,
-                  importance: dict[tuple[int, str], torch.Tensor], progress_dir: str | Path | None = None,
+                  importance: Callable[[], dict[tuple[int, str], torch.Tensor]],
+                  progress_dir: str | Path | None = None,
                   show_progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
     """Train `model` in place under torque on `data` (n x seq_len) toward the ratios of `found`
-    and return (block, site kind) -> each unit's score. Runs where Accelerate puts it (CPU, one
-    GPU, DDP); with `progress_dir` it writes a resumable state every `config.save_every` steps
-    and at the end, and a rerun with the same settings resumes it (finished: reads it back)."""
+    and return (block, site kind) -> each unit's score; `importance()` ranks the units of a fresh
+    run. Runs where Accelerate puts it (CPU, one GPU, DDP); with `progress_dir` it writes a
+    resumable state every `config.save_every` steps and at the end, and a rerun with the same
+    settings resumes it (finished: reads it back) without ranking the units again."""
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
     if fsdp_requested(accelerator):
         raise HfCompressError("prune --method torque trains every weight it prunes on each process: it runs on one "
@@ -138,19 +143,27 @@ def torque_scores(model: nn.Module, data: torch.Tensor, found: list[tuple[int, f
     model.to(accelerator.device).eval()  # eval: no dropout, so every process computes the same
     _, blocks = decoder_blocks(model)
     multiple = width_multiple(config.quantize)
-    groups = {(index, site.kind): UnitGroup(blocks[index], site, importance[index, site.kind].to(accelerator.device),
-                                            kept_units(ratio, site.reads[0].units, multiple if site.kind == "mlp" else 1))
-              for index, ratio, site in found}
+    kept = {(index, site.kind): kept_units(ratio, site.reads[0].units, multiple if site.kind == "mlp" else 1)
+            for index, ratio, site in found}
+    settings = _settings(config, data, kept)
+    progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
+    saved = _read(progress, settings) if progress is not None and progress.is_file() else None
+    if saved is None:
+        table = importance()
+        groups = {(index, site.kind): UnitGroup.start(blocks[index], site, kept[index, site.kind],
+                                                      table[index, site.kind].to(accelerator.device))
+                  for index, _, site in found}
+    else:
+        groups = {(index, site.kind): UnitGroup(blocks[index], site, kept[index, site.kind],
+                                                **saved["groups"][index, site.kind]) for index, _, site in found}
     weights = list({id(w): w for g in groups.values() for w in g.weights()}.values())
     model.requires_grad_(False)
     for weight in weights:
         weight.requires_grad_(True)
     optimizer = torch.optim.AdamW(weights, lr=config.lr, weight_decay=0.0)
-    settings = _settings(config, data, groups)
-    progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
     state = {"step": 0, "history": []}
-    if progress is not None and progress.is_file():
-        state = _resume(progress, settings, weights, optimizer, groups, accelerator)
+    if saved is not None:
+        state = _resume(saved, weights, optimizer, accelerator, progress)
     wrapped = accelerator.prepare(model)
     loader = accelerator.prepare(DataLoader(TensorDataset(shuffled(data, config.seed)), batch_size=config.batch_size,
                                             drop_last=True))
@@ -187,17 +200,19 @@ def _save(accelerator, path: Path, settings, weights, optimizer, groups, state) 
     accelerator.wait_for_everyone()
 
 
-@torch.no_grad()
-def _resume(path: Path, settings, weights, optimizer, groups, accelerator) -> dict:
+def _read(path: Path, settings: dict) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if payload["settings"] != settings:
         raise HfCompressError(f"{path.parent} holds a torque run with other settings or data (ratio, steps, lr, "
                               "strength, batch, seed); pass --overwrite to start afresh")
+    return payload
+
+
+@torch.no_grad()
+def _resume(payload: dict, weights, optimizer, accelerator, path: Path) -> dict:
     for weight, saved in zip(weights, payload["weights"]):
         weight.copy_(saved)
     optimizer.load_state_dict(payload["optimizer"])
-    for key, group in groups.items():
-        group.load(payload["groups"][key])
     if accelerator.is_main_process:
         print(f"resuming the torque run at step {payload['state']['step']} from {path}")
     return payload["state"]
