@@ -8,8 +8,9 @@ is the same), and uniform (`--layers all`: the vanilla architecture); magnitude 
 pruning, uniform and global, and torque pruning (a training per size, which the global row reads
 back: its seconds are the uniform row's) (--rows picks some); with --heads, the same
 fraction of key/value head groups too (global only: a uniform fraction of a few groups a block
-rounds to whole groups). Last, the default ACIP pass materialized at the size the default fold
-reached (targeted-layer parameters), so a reader sees what loading without remote code costs.
+rounds to whole groups). Last, where the default fold ran, the default ACIP pass materialized at
+the size that fold reached (targeted-layer parameters), so a reader sees what loading without
+remote code costs.
 Perplexity windows of 512 tokens (bench/quantize_demo.py): test and validation splits of
 pydoc, the news corpus as out-of-domain text; calibration (activation, ACIP) is pydoc too. Writes OUT/shrink_demo[_MODEL].json.
 
@@ -109,8 +110,8 @@ def main():
             results["runs"][name][str(size)] = cell | measure(model)
             print(name, size, results["runs"][name][str(size)], flush=True)
 
-    if args.acip_steps and not wanted:
-        default = next(iter(results["runs"]))
+    default = "fold, global allocation (default)" + (" + heads" if args.heads else "")
+    if args.acip_steps and default in results["runs"]:
         start = time.perf_counter()
         cm = hfc.acip(copy.deepcopy(base), data, max_steps=args.acip_steps, stop_ratio=0.4, batch_size=4,
                       show_progress=False)
