@@ -12,7 +12,8 @@ rounds to whole groups). Last, where the default fold ran, the default ACIP pass
 the size that fold reached (targeted-layer parameters), so a reader sees what loading without
 remote code costs.
 Perplexity windows of 512 tokens (bench/quantize_demo.py): test and validation splits of
-pydoc, the news corpus as out-of-domain text; calibration (activation, ACIP) is pydoc too. Writes OUT/shrink_demo[_MODEL].json.
+pydoc, the news corpus as out-of-domain text; calibration (activation, torque, ACIP) is pydoc too.
+Writes OUT/shrink_demo[_MODEL][_heads][_TAG].json.
 
     python bench/shrink_demo.py                                  # ~35 min on 2 cores
     python bench/shrink_demo.py --model demo:gemma3 --sizes 0.9 --windows 2 --acip-steps 0  # ~60 min
@@ -79,6 +80,7 @@ def main():
     parser.add_argument("--torque-steps", type=int, default=40, help="the torque rows' training steps")
     parser.add_argument("--acip-steps", type=int, default=30, help="the ACIP row's pass (0: no ACIP row)")
     parser.add_argument("--rows", default="", help="only the rows whose name contains one of these (';'-separated)")
+    parser.add_argument("--tag", default="", help="appended to the file name (a partial run beside the full one)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     sizes = [float(s) for s in args.sizes.split(",")]
@@ -129,7 +131,8 @@ def main():
         timed = cells.get("0.9", cells[str(sizes[0])]).get("seconds")
         rows[name].append("-" if timed is None else f"{timed:.1f}")
     suffix = "" if args.model == "demo" else "_" + args.model.split(":")[-1]
-    save_and_print(args.out, f"shrink_demo{suffix}{'_heads' if args.heads else ''}", results, columns, rows)
+    name = f"shrink_demo{suffix}{'_heads' if args.heads else ''}{'_' + args.tag if args.tag else ''}"
+    save_and_print(args.out, name, results, columns, rows)
 
 
 if __name__ == "__main__":
