@@ -8,9 +8,10 @@ is the same), and uniform (`--layers all`: the vanilla architecture); magnitude 
 pruning, uniform and global, and torque pruning (a training per size, which the global row reads
 back: its seconds are the uniform row's) (--rows picks some); with --heads, the same
 fraction of key/value head groups too (global only: a uniform fraction of a few groups a block
-rounds to whole groups). Last, where the default fold ran, the default ACIP pass materialized at
-the size that fold reached (targeted-layer parameters), so a reader sees what loading without
-remote code costs.
+rounds to whole groups). Where the default fold ran: magnitude pruning to the very widths that
+fold chose in each block (MLP only), which tells its merges from its allocation; and the default
+ACIP pass materialized at the size that fold reached (targeted-layer parameters), so a reader
+sees what loading without remote code costs.
 Perplexity windows of 512 tokens (bench/quantize_demo.py): test and validation splits of
 pydoc, the news corpus as out-of-domain text; calibration (activation, torque, ACIP) is pydoc too.
 Writes OUT/shrink_demo[_MODEL][_heads][_TAG].json.
@@ -70,6 +71,13 @@ def methods(n_blocks: int, heads: bool, torque_steps: int) -> dict:
     return rows
 
 
+def same_widths(base, widths: list[int]):
+    """Magnitude pruning of a copy of `base` to the given MLP width of each block."""
+    full = mlp_site(decoder_blocks(base)[1][0]).reads[0].units
+    return hfc.prune(copy.deepcopy(base), method="magnitude", layers={i: w / full for i, w in enumerate(widths)},
+                     show_progress=False)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
@@ -113,6 +121,10 @@ def main():
             print(name, size, results["runs"][name][str(size)], flush=True)
 
     default = "fold, global allocation (default)" + (" + heads" if args.heads else "")
+    if default in results["runs"] and not args.heads:  # is what the fold loses its allocation or its merges?
+        results["runs"]["magnitude at the default fold's widths"] = {
+            str(size): measure(same_widths(base, results["runs"][default][str(size)]["mlp_widths"]))
+            for size in sizes}
     if args.acip_steps and default in results["runs"]:
         start = time.perf_counter()
         cm = hfc.acip(copy.deepcopy(base), data, max_steps=args.acip_steps, stop_ratio=0.4, batch_size=4,
