@@ -37,6 +37,7 @@ from _report import save_and_print
 from quantize_demo import perplexity_splits
 
 HERE = Path(__file__).parent
+DEFAULT_FOLD = "fold, global allocation (default)"  # the row the ACIP and same-widths rows follow
 
 
 def methods(n_blocks: int, heads: bool, torque_steps: int) -> dict:
@@ -53,7 +54,7 @@ def methods(n_blocks: int, heads: bool, torque_steps: int) -> dict:
     def old_schedule(s):
         return dict(layers="middle", ratio=max(0.05, (s * n_blocks - 2 * edge) / middle))
 
-    rows = {"fold, global allocation (default)": (hfc.fold, lambda s: dict(layers="global", ratio=s)),
+    rows = {DEFAULT_FOLD: (hfc.fold, lambda s: dict(layers="global", ratio=s)),
             "fold, global + variance repair (Fold-AR)": (hfc.fold, lambda s: dict(layers="global", ratio=s,
                                                                                    variance_correction=True)),
             "fold, global + dropped misfits": (hfc.fold, lambda s: dict(layers="global", ratio=s, drop_misfits=True)),
@@ -120,7 +121,7 @@ def main():
             results["runs"][name][str(size)] = cell | measure(model)
             print(name, size, results["runs"][name][str(size)], flush=True)
 
-    default = "fold, global allocation (default)" + (" + heads" if args.heads else "")
+    default = DEFAULT_FOLD + (" + heads" if args.heads else "")
     if default in results["runs"] and not args.heads:  # is what the fold loses its allocation or its merges?
         results["runs"]["magnitude at the default fold's widths"] = {
             str(size): measure(same_widths(base, results["runs"][default][str(size)]["mlp_widths"]))
