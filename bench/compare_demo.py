@@ -141,9 +141,9 @@ def main():
     acip = passes["ACIP"]
 
     methods = {
-        "plain SVD, uniform": lambda r: plain.materialize(ranks=plain.uniform_ranks(r)),
-        "whitened SVD, uniform": lambda r: whitened.materialize(ranks=whitened.uniform_ranks(r)),
-        "whitened SVD, ACIP allocation": lambda r: whitened.materialize(ranks=acip.ranks_at(r)),
+        "plain SVD, uniform": lambda r: plain.materialize(plan=plain.uniform_ranks(r)),
+        "whitened SVD, uniform": lambda r: whitened.materialize(plan=whitened.uniform_ranks(r)),
+        "whitened SVD, ACIP allocation": lambda r: whitened.materialize(plan=acip.plan_at(r, structure="svd").ranks),
         **{name: (lambda r, cm=cm: cm.materialize(r)) for name, cm in passes.items()},
     }
     table = {name: {} for name in methods}

@@ -94,7 +94,7 @@ def main():
 
     svd = svd_compressible(model, data)
     results["runs"]["whitened SVD, uniform"] = [{"sizes": measure(
-        lambda r: svd.materialize(ranks=svd.uniform_ranks(r)), ratios, splits)}]
+        lambda r: svd.materialize(plan=svd.uniform_ranks(r)), ratios, splits)}]
     allocation = None
     for objective in [DEFAULT] + [o for o in objectives if o != DEFAULT]:
         for lora in sorted({0, args.lora_rank}):  # --lora-rank 0: no LoRA rows
@@ -108,7 +108,7 @@ def main():
                 if allocation is None:  # the default pass, seed 0: its per-layer ranks on SVD's own values
                     allocation = cm
                     results["runs"]["whitened SVD, the default's allocation"] = [{"sizes": measure(
-                        lambda r: svd.materialize(ranks=allocation.ranks_at(r)), ratios, splits)}]
+                        lambda r: svd.materialize(plan=allocation.plan_at(r, structure="svd").ranks), ratios, splits)}]
     if args.readme_steps:
         record, _ = run_pass(args.model, data, ratios, splits, objective=DEFAULT, max_steps=args.readme_steps, seed=0)
         results["runs"][f"{DEFAULT}, README pass ({args.readme_steps} steps)"] = [record]

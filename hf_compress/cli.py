@@ -25,6 +25,11 @@ DEVICE_HELP = "cpu, cuda, cuda:N (default: what Accelerate picks, the GPU when t
 DTYPE_HELP = "float32, bfloat16 or float16 (default: the source's dtype on GPU, float32 on CPU)."
 QUANTIZE_HELP = "Quantize with bitsandbytes: nf4, fp4 or int8 (embeddings and the output head stay in float)."
 QUANTIZE_HEAD_HELP = "Quantize the output head too (when it is not tied to the embeddings)."
+STRUCTURE_HELP = ("What a size may remove: 'mixed' (whatever the pass ranked cheapest: MLP channels, head groups, "
+                  "singular values), 'channels' (channels and head groups only: no factorized layers) or 'svd' "
+                  "(singular values only).")
+COMPENSATE_HELP = ("Refit, block by block, what lost something on the calibration windows kept by the pass "
+                   "(least squares toward the dense model's outputs; a few seconds).")
 SPEED_HELP = ("Keep a layer dense, within the same size, where its two factors would not decode faster than "
               "the matrix on this device (measured, about a second).")
 LOSS_HELP = ("the smallest size whose mean loss on held-aside windows stays within (1 + this) x the dense "
@@ -59,6 +64,11 @@ def compress(
     stop_ratio: float = typer.Option(0.4, help="Stop once the targeted layers are this fraction of their size."),
     objective: str = typer.Option("saliency", help="What moves the masks: saliency, acip (the paper's), torque, "
                                   "drr, nuclear or pmmp (see docs/ARCHITECTURE.md)."),
+    units: Optional[str] = typer.Option(None, help="What the pass ranks: 'values' (singular values), 'channels' "
+                                        "(and MLP channels), 'all' (and key/value head groups, where the architecture "
+                                        "allows); default: channels with saliency, values with the other objectives."),
+    loss: str = typer.Option("labels", help="'labels' (next-token cross-entropy) or 'dense' (KL to the dense "
+                             "model's own next-token distribution; it stays on the device beside the pass)."),
     max_steps: int = typer.Option(200, help="Step budget of the pass."),
     seq_len: int = typer.Option(256, help="Tokens per calibration window."),
     batch_size: int = typer.Option(4, help="Windows per step (global, across processes)."),
@@ -107,7 +117,8 @@ def compress(
                               "pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch")
     if device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"  # read by Accelerate before it picks a device
-    config = AcipConfig(stop_ratio=stop_ratio, objective=objective, max_steps=max_steps, batch_size=batch_size,
+    config = AcipConfig(stop_ratio=stop_ratio, objective=objective, units=units, loss=loss, max_steps=max_steps,
+                        batch_size=batch_size,
                         lora_rank=lora_rank, lora_alpha=lora_alpha, mask_init=mask_init, mask_lr=mask_lr,
                         lambda_schedule=lambda_schedule, lambda_init=lambda_init, lambda_growth=lambda_growth,
                         lambda_every=lambda_every, basis=basis, whitening_windows=whitening_windows,
@@ -212,6 +223,8 @@ def materialize(
     quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP),
     quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
     speed_aware: bool = typer.Option(False, help=SPEED_HELP),
+    structure: str = typer.Option("mixed", help=STRUCTURE_HELP),
+    compensate: bool = typer.Option(True, help=COMPENSATE_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
@@ -233,9 +246,10 @@ def materialize(
     compressible = _on_device(CompressibleModel.from_pretrained(path, trust_remote_code), device, dtype)
     search = None
     if max_loss_increase is not None:
-        size_ratio, search = _ratio_within_loss(compressible, max_loss_increase, dataset, seq_len, windows, quantize)
+        size_ratio, search = _ratio_within_loss(compressible, max_loss_increase, dataset, seq_len, windows, quantize,
+                                                structure=structure, compensate=compensate)
     model = compressible.materialize(size_ratio, max_bytes=max_bytes, quantize=quantize, quantize_head=quantize_head,
-                                     speed_aware=speed_aware)
+                                     speed_aware=speed_aware, structure=structure, compensate=compensate)
     if search is not None:
         model.config.hf_compress["loss_budget"] = search
     save_checkpoint(model, compressible.tokenizer, output, overwrite=overwrite)
@@ -292,7 +306,7 @@ def _load(model: str, device: str | None, dtype: str | None, trust_remote_code: 
 
 
 def _ratio_within_loss(compressible, max_increase: float, dataset: str, seq_len: int, windows: int,
-                       quantize: str | None) -> tuple[float, dict]:
+                       quantize: str | None, **options) -> tuple[float, dict]:
     """The loss-budget search of `CompressibleModel.ratio_within_loss`, printed as it goes, on
     windows held aside from calibration: a builtin corpus' validation split, else the last windows."""
     from .data import builtin_corpus, calibration_data
@@ -305,7 +319,7 @@ def _ratio_within_loss(compressible, max_increase: float, dataset: str, seq_len:
     def report(ratio: float, loss: float, fits: bool) -> None:
         console.print(f"  size ratio {ratio:.2f}: loss {loss:.4f} {'fits' if fits else 'over the limit'}", highlight=False)
 
-    ratio, search = compressible.ratio_within_loss(data, max_increase, quantize, report=report)
+    ratio, search = compressible.ratio_within_loss(data, max_increase, quantize, report=report, **options)
     console.print(f"dense loss {search['dense_loss']:.4f}, limit {search['limit']:.4f}: size ratio {ratio:.2f}",
                   highlight=False)
     return ratio, {**search, "dataset": dataset, "split": split, "seq_len": seq_len, "windows": len(data)}
@@ -505,6 +519,8 @@ def evaluate_command(
                                              "CPU, 16 on GPU)."),
     quantize: Optional[str] = typer.Option(None, help="Sizes from a compressible directory: " + QUANTIZE_HELP),
     speed_aware: bool = typer.Option(False, help="Sizes from a compressible directory: " + SPEED_HELP),
+    structure: str = typer.Option("mixed", help="Sizes from a compressible directory: " + STRUCTURE_HELP),
+    compensate: bool = typer.Option(True, help="Sizes from a compressible directory: " + COMPENSATE_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     output: Optional[Path] = typer.Option(None, help="Write results (with protocol and versions) to this JSON file."),
@@ -529,10 +545,12 @@ def evaluate_command(
         compressible = _on_device(CompressibleModel.from_pretrained(path, trust_remote_code), device, dtype)
         tokenizer = compressible.tokenizer
         if size_ratios.strip() == "auto":
-            ratios = [_ratio_within_loss(compressible, max_loss_increase, dataset, seq_len, 8, quantize)[0]]
+            ratios = [_ratio_within_loss(compressible, max_loss_increase, dataset, seq_len, 8, quantize,
+                                         structure=structure, compensate=compensate)[0]]
         else:
             ratios = _parse_ratios(size_ratios)
-        models = (compressible.materialize(r, quantize=quantize, speed_aware=speed_aware) for r in ratios)
+        models = (compressible.materialize(r, quantize=quantize, speed_aware=speed_aware, structure=structure,
+                                           compensate=compensate) for r in ratios)
     else:
         if quantize:
             raise HfCompressError("--quantize applies to sizes from a compressible directory; quantize a "
@@ -627,19 +645,9 @@ def _print_records(records: list[dict]) -> None:
 
 def _compressible_report(path: Path, trust_remote_code: bool) -> dict:
     from .acip import CompressibleModel
-    from .quantize import width_multiple
 
     compressible = CompressibleModel.from_pretrained(path, trust_remote_code)
-    sizes = []
-    for ratio in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
-        ranks = compressible.ranks_at(ratio)
-        factorized = sum(not f.is_dense_at(ranks[n]) for n, f in compressible.layers.items())
-        row = {"size_ratio": ratio, "target_params": compressible.params_of(ranks), "factorized_layers": factorized,
-               "bytes": compressible.checkpoint_bytes(ranks)}
-        for method in ("int8", "nf4"):
-            row[f"bytes_{method}"] = compressible.checkpoint_bytes(compressible.ranks_at(ratio, width_multiple(method)),
-                                                                   method)
-        sizes.append(row)
+    sizes = compressible.sizes((0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
     summary = {k: v for k, v in compressible.summary.items() if k != "history"}
     return {"compressible": str(path), "config": compressible.config.to_dict(), "summary": summary,
             "target_dense_params": compressible.dense_params, "sizes": sizes}
@@ -658,13 +666,15 @@ def _print_report(report: dict) -> None:
     out = Console(soft_wrap=True)
     if "compressible" in report:
         out.print(f"compressible directory {report['compressible']}: pass {report['summary']}")
-        table = Table("size ratio", "targeted params", "factorized layers", "MiB", "MiB int8", "MiB nf4")
+        table = Table("size ratio", "targeted params", "MLP channels removed", "head groups removed",
+                      "factorized layers", "MiB", "MiB int8", "MiB nf4")
         for row in report["sizes"]:
-            table.add_row(f"{row['size_ratio']:.1f}", f"{row['target_params']:,}", str(row["factorized_layers"]),
+            table.add_row(f"{row['size_ratio']:.1f}", f"{row['target_params']:,}", str(row["mlp_channels"]),
+                          str(row["head_groups"]), str(row["factorized_layers"]),
                           *(f"{row[key] / 2**20:.1f}" for key in ("bytes", "bytes_int8", "bytes_nf4")))
         out.print(table)
-        out.print("MiB: the weights of the checkpoint `materialize` writes at that ratio (with --quantize for the "
-                  "last two columns).")
+        out.print("What `materialize` removes at each ratio (the default structure, mixed); MiB: the weights of the "
+                  "checkpoint it writes (with --quantize for the last two columns).")
         return
     table = Table("layer", "shape (out x in)", "form", "params")
     for layer in report["layers"]:

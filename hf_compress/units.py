@@ -213,6 +213,18 @@ class TopK(Selection):
         return labels
 
 
+class Chosen(TopK):
+    """Keep the given units (indices), unchanged."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+
+    def scores(self, index, site, inputs, outputs):
+        scores = torch.zeros(len(inputs), device=inputs.device)
+        scores[self.keep.to(inputs.device)] = 1.0
+        return scores
+
+
 class Magnitude(TopK):
     """The data-free pruning baseline: a unit scores the norm of all its weights."""
 
@@ -340,7 +352,7 @@ def shrink(model: PreTrainedModel, config: UnitConfig, selection: Selection, fou
         kept[site.kind].add(shrink_site(blocks[index], index, site, ratio, selection,
                                         multiple if site.kind == "mlp" else 1))
     if uniform:
-        _shrink_config(text_config, blocks, kept["mlp"].pop(), kept["attention"].pop() if kept["attention"] else None)
+        shrink_config(text_config, blocks, kept["mlp"].pop(), kept["attention"].pop() if kept["attention"] else None)
     shrunk = find_targets(model)
     params = sum(layer_shape(m).dense_params for m in shrunk.values())
     shapes = {} if uniform else {name: [layer_shape(m).in_features, layer_shape(m).out_features]
@@ -371,7 +383,7 @@ def check_head_counts(blocks: nn.ModuleList, config: UnitConfig, uniform: bool) 
         )
 
 
-def _shrink_config(config, blocks: nn.ModuleList, channels: int, groups: int | None) -> None:
+def shrink_config(config, blocks: nn.ModuleList, channels: int, groups: int | None) -> None:
     """After a uniform shrink: the config (and head counts cached on attention modules)."""
     setattr(config, next(name for name in MLP_WIDTHS if hasattr(config, name)), channels)
     if groups is None:

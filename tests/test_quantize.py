@@ -91,25 +91,26 @@ def test_materialized_quantized_checkpoint_reloads_everywhere(compressible, meth
 @pytest.mark.parametrize("method", [None, *METHODS])
 def test_byte_estimate_matches_the_built_model(compressible, method):
     for ratio in (0.3, 0.7, 1.0):
-        ranks = compressible.ranks_at(ratio, width_multiple(method))
-        actual = tensor_bytes(compressible.materialize(ranks=ranks, quantize=method))
-        estimate = compressible.checkpoint_bytes(ranks, method)
-        four_bit_layers = 2 * len(ranks) if method in ("nf4", "fp4") else 0
+        plan = compressible.plan_at(ratio, width_multiple(method))
+        actual = tensor_bytes(compressible.materialize(plan=plan, quantize=method))
+        estimate = compressible.checkpoint_bytes(plan, method)
+        four_bit_layers = 2 * len(plan.ranks) if method in ("nf4", "fp4") else 0
         assert actual <= estimate <= actual + four_bit_layers * QUANT_STATE_BYTES
 
 
 @pytest.mark.parametrize("method", [None, "int8", "nf4"])
 def test_byte_budget_picks_the_largest_model_that_fits(compressible, method):
-    full = compressible.checkpoint_bytes(compressible.ranks_at(1.0), method)
+    full = compressible.checkpoint_bytes(compressible.plan_at(1.0), method)
     budget = int(0.7 * full)
     model = compressible.materialize(max_bytes=budget, quantize=method)
     assert tensor_bytes(model) <= budget
-    ranks = compressible.ranks_within(budget, method)
-    one_more = compressible.ranks_within(int(1.15 * budget), method)
+    plan = compressible.plan_within(budget, method)
+    one_more = compressible.plan_within(int(1.15 * budget), method)
     assert compressible.checkpoint_bytes(one_more, method) > budget  # a larger model would not fit
     with pytest.raises(HfCompressError, match="below the smallest model"):
         compressible.materialize(max_bytes=1000, quantize=method)
-    assert sum(ranks.values()) <= sum(one_more.values())
+    assert sum(plan.ranks.values()) <= sum(one_more.ranks.values())
+    assert sum(plan.kept.values()) <= sum(one_more.kept.values())
 
 
 def test_fold_with_quantization_rounds_widths_for_the_kernel(tmp_path):

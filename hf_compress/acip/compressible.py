@@ -2,14 +2,21 @@
 
 On disk a compressible directory is the original model (config, tokenizer, `model.safetensors`)
 plus `acip.safetensors` (per layer: U, s, Vt and scores, sorted so the values to keep first come
-first and truncated where the layer would be dense anyway; LoRA factors) and `acip.json`
-(settings, layer shapes, a summary of the pass).
+first and truncated where the layer would be dense anyway; LoRA factors; per site the order and
+scores of its MLP channels or head groups; the calibration windows compensation runs on) and
+`acip.json` (settings, layer shapes, sites, a summary of the pass).
+
+One global order holds every ranked unit: singular values, MLP channels, key/value head groups.
+A size keeps the longest prefix of it that fits (`Plan`: a rank per layer, a unit count per
+site), so at each size whatever is cheapest goes, and a layer can lose channels and singular
+values at once.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +30,21 @@ from ..cards import write_card
 from ..checkpoint import mark_compressed, model_class_for
 from ..errors import HfCompressError
 from ..io import atomic_dir
-from ..models import LayerShape, dense_weight, load_config, read_json, set_dense_weight, tensor_bytes
+from ..models import LayerShape, decoder_blocks, dense_weight, load_config, read_json, set_dense_weight, tensor_bytes
 from ..quantize import linear_bytes, quantize as quantize_model, width_multiple
 from ..speed import call_overhead_params
 from ..modeling_hf_compress import factorize_
+from ..units import Chosen, MLP_WIDTHS, shrink_config, shrink_site
+from .compensate import compensate as compensate_layers
 from .config import AcipConfig
+from .gates import SiteRef, widths
 
 FACTORS_FILE = "acip.safetensors"
 META_FILE = "acip.json"
 FORMAT_VERSION = 1
 FACTOR_KEYS = ("u", "s", "vt", "score")
+WINDOWS_KEY = "calibration.windows"
+STRUCTURES = ("mixed", "channels", "svd")  # what materialize may remove: anything; units only; values only
 
 
 @dataclass
@@ -51,12 +63,13 @@ class LayerFactors:
     def lora_rank(self) -> int:
         return 0 if self.lora_a is None else self.lora_a.shape[0]
 
-    def params(self, rank: int, overhead: int = 0) -> int:
-        """Parameters when `rank` singular values are kept; LoRA is stacked into the factors."""
-        return self.shape.params_at_rank(rank + self.lora_rank, overhead)
+    def params(self, rank: int, overhead: int = 0, shape: LayerShape | None = None) -> int:
+        """Parameters when `rank` singular values are kept (at `shape` if units left the layer);
+        LoRA is stacked into the factors."""
+        return (shape or self.shape).params_at_rank(rank + self.lora_rank, overhead)
 
-    def is_dense_at(self, rank: int, overhead: int = 0) -> bool:
-        return self.shape.is_dense_at(rank + self.lora_rank, overhead)
+    def is_dense_at(self, rank: int, overhead: int = 0, shape: LayerShape | None = None) -> bool:
+        return (shape or self.shape).is_dense_at(rank + self.lora_rank, overhead)
 
     def rounded(self, rank: int, multiple: int) -> int:
         """`rank` raised so that the stacked rank (with LoRA) is a multiple of `multiple`, within
@@ -66,9 +79,10 @@ class LayerFactors:
             return rank
         return min(-(-total // multiple) * multiple - self.lora_rank, len(self.score))
 
-    def bytes(self, rank: int, quantize: str | None, dtype_bytes: int, overhead: int = 0) -> int:
+    def bytes(self, rank: int, quantize: str | None, dtype_bytes: int, overhead: int = 0,
+              shape: LayerShape | None = None) -> int:
         """Checkpoint bytes of this layer at `rank`: dense, or two factor Linears."""
-        shape, total = self.shape, rank + self.lora_rank
+        shape, total = shape or self.shape, rank + self.lora_rank
         bias = shape.out_features * dtype_bytes if shape.bias else 0
         if shape.is_dense_at(total, overhead):
             return linear_bytes(shape.in_features, shape.out_features, quantize, dtype_bytes) + bias
@@ -79,78 +93,167 @@ class LayerFactors:
         return None if self.lora_a is None else self.lora_b @ self.lora_a
 
 
+@dataclass
+class UnitScores:
+    """One site's units (MLP channels or key/value head groups) in keep order, best first."""
+
+    ref: SiteRef
+    order: torch.Tensor  # unit indices
+    score: torch.Tensor  # non-increasing
+
+
+@dataclass
+class Plan:
+    """What one size keeps: the rank of each targeted layer and the number of units of each site
+    (a site keeps its best units)."""
+
+    ranks: dict[str, int]
+    kept: dict[str, int]
+
+
+def _restricted(matrix: torch.Tensor, rows=None, columns=None) -> torch.Tensor:
+    """The given rows and columns of a matrix (all where None)."""
+    matrix = matrix if rows is None else matrix[rows]
+    return matrix if columns is None else matrix[:, columns]
+
+
 class CompressibleModel:
-    """A dense base model plus the score-ordered factors of every targeted layer."""
+    """A dense base model plus the score-ordered factors of every targeted layer and units of
+    every site; `windows` are the calibration windows compensation runs on."""
 
     def __init__(self, base_model, layers: dict[str, LayerFactors], config: AcipConfig,
-                 summary: dict | None = None, tokenizer=None):
+                 summary: dict | None = None, tokenizer=None, units: dict[str, UnitScores] | None = None,
+                 windows: torch.Tensor | None = None):
         self.base_model = base_model
         self.layers = layers
+        self.units = units or {}
+        self.windows = windows
         self.config = config
         self.summary = summary or {}
         self.tokenizer = tokenizer
-        self._order = self._global_order()
+        self._orders = {}
         self._fixed_bytes = None  # weights outside the targeted layers, measured on first use
 
     @property
     def dense_params(self) -> int:
         return sum(f.shape.dense_params for f in self.layers.values())
 
-    def _global_order(self) -> torch.Tensor:
-        """Layer index of every stored value, in global keep order: higher score first, ties
-        broken by larger singular value, then by layer and position (fully deterministic)."""
-        scores = torch.cat([f.score.double() for f in self.layers.values()])
-        svals = torch.cat([f.s.double() for f in self.layers.values()])
-        layer_ids = torch.cat([torch.full((len(f.score),), i) for i, f in enumerate(self.layers.values())])
-        order = torch.sort(svals, descending=True, stable=True).indices
-        order = order[torch.sort(scores[order], descending=True, stable=True).indices]
-        return layer_ids[order]
+    def _order(self, structure: str) -> torch.Tensor:
+        """Owner of every ranked unit in global keep order (a layer's index for a singular value,
+        len(layers) + a site's index for a channel or head group): higher score first, ties broken
+        by larger singular value, then by owner and position (fully deterministic). A site's best
+        unit always stays (a block keeps at least one channel and one head group)."""
+        if structure not in STRUCTURES:
+            raise HfCompressError(f"structure must be one of {STRUCTURES}, not '{structure}'")
+        if structure not in self._orders:
+            scores, values, owners = [], [], []
+            if structure != "channels":
+                for i, f in enumerate(self.layers.values()):
+                    scores.append(f.score.double())
+                    values.append(f.s.double())
+                    owners.append(torch.full((len(f.score),), i))
+            if structure != "svd":
+                for j, u in enumerate(self.units.values(), start=len(self.layers)):
+                    scores.append(torch.cat([torch.tensor([math.inf]), u.score[1:].double()]))
+                    values.append(torch.zeros(len(u.score), dtype=torch.float64))
+                    owners.append(torch.full((len(u.score),), j))
+            scores, values, owners = (torch.cat(x) if x else torch.zeros(0) for x in (scores, values, owners))
+            order = torch.sort(values, descending=True, stable=True).indices
+            order = order[torch.sort(scores[order], descending=True, stable=True).indices]
+            self._orders[structure] = owners[order].long()
+        return self._orders[structure]
 
-    def ranks_at(self, size_ratio: float, multiple: int = 1, overhead: int = 0) -> dict[str, int]:
-        """Per-layer ranks for the largest prefix of the global order within `size_ratio` of the
-        targeted parameters; with `multiple`, ranks are rounded up to multiples of it (and so
-        counted); `overhead`: see `LayerShape.is_dense_at`."""
+    def plan_at(self, size_ratio: float, multiple: int = 1, overhead: int = 0, structure: str = "mixed") -> Plan:
+        """The largest prefix of the global order within `size_ratio` of the targeted parameters;
+        with `multiple`, ranks and MLP widths are rounded up to multiples of it (and so counted);
+        `overhead`: see `LayerShape.is_dense_at`; `structure`: what may be removed (STRUCTURES)."""
         if not 0 < size_ratio <= 1:
             raise HfCompressError(f"size ratio must be in (0, 1], got {size_ratio}")
         budget = size_ratio * self.dense_params
-        return self._largest_prefix(lambda ranks: self.params_of(ranks, overhead) <= budget, multiple,
+        return self._largest_prefix(lambda plan: self.params_of(plan, overhead) <= budget, multiple, structure,
                                     f"size ratio {size_ratio}")
 
-    def ranks_within(self, max_bytes: int, quantize: str | None = None, overhead: int = 0) -> dict[str, int]:
-        """Per-layer ranks of the largest model whose weights take at most `max_bytes`."""
-        return self._largest_prefix(lambda ranks: self.checkpoint_bytes(ranks, quantize, overhead) <= max_bytes,
-                                    width_multiple(quantize), f"{max_bytes / 2**20:.1f} MiB")
+    def plan_within(self, max_bytes: int, quantize: str | None = None, overhead: int = 0,
+                    structure: str = "mixed") -> Plan:
+        """The largest model whose weights take at most `max_bytes`."""
+        return self._largest_prefix(lambda plan: self.checkpoint_bytes(plan, quantize, overhead) <= max_bytes,
+                                    width_multiple(quantize), structure, f"{max_bytes / 2**20:.1f} MiB")
 
-    def _largest_prefix(self, fits, multiple: int, budget: str) -> dict[str, int]:
-        """Binary search for the longest prefix of the global order whose ranks `fits` (cost grows
+    def _plan_for(self, k: int, structure: str, multiple: int) -> Plan:
+        """What the first `k` entries of the global order keep."""
+        counts = torch.bincount(self._order(structure)[:k], minlength=len(self.layers) + len(self.units)).tolist()
+        ranks = {name: (len(f.score) if structure == "channels" else f.rounded(c, multiple))
+                 for (name, f), c in zip(self.layers.items(), counts)}
+        kept = {}
+        for (name, u), c in zip(self.units.items(), counts[len(self.layers):]):
+            n = u.ref.units
+            step = multiple if u.ref.site.kind == "mlp" else 1
+            kept[name] = n if structure == "svd" else min(n, -(-max(1, c) // step) * step)
+        return Plan(ranks, kept)
+
+    def _largest_prefix(self, fits, multiple: int, structure: str, budget: str) -> Plan:
+        """Binary search for the longest prefix of the global order whose plan `fits` (cost grows
         with the prefix, so the search is exact)."""
-        factors = list(self.layers.values())
-
-        def ranks_for(k: int) -> dict[str, int]:
-            counts = torch.bincount(self._order[:k], minlength=len(factors)).tolist()
-            return {name: f.rounded(c, multiple) for (name, f), c in zip(self.layers.items(), counts)}
-
-        lo, hi = 0, len(self._order)
-        if not fits(ranks_for(lo)):
+        lo, hi = 0, len(self._order(structure))
+        if not fits(self._plan_for(lo, structure, multiple)):
+            kept = {"channels": "; with structure 'channels' every layer outside MLP channels and head groups "
+                                "stays whole", "svd": "; with structure 'svd' every channel stays"}.get(structure, "")
             raise HfCompressError(f"{budget} is below the smallest model this pass can make "
-                                  "(what is not factorized, and LoRA adapters, cost more)")
+                                  f"(what is not factorized, and LoRA adapters, cost more{kept})")
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(ranks_for(mid)) else (lo, mid - 1)
-        return ranks_for(lo)
+            lo, hi = (mid, hi) if fits(self._plan_for(mid, structure, multiple)) else (lo, mid - 1)
+        return self._plan_for(lo, structure, multiple)
 
-    def params_of(self, ranks: dict[str, int], overhead: int = 0) -> int:
-        return sum(self.layers[name].params(rank, overhead) for name, rank in ranks.items())
+    def plan_of(self, ranks: dict[str, int]) -> Plan:
+        """Explicit per-layer ranks, every unit kept."""
+        return Plan(dict(ranks), {name: u.ref.units for name, u in self.units.items()})
 
-    def checkpoint_bytes(self, ranks: dict[str, int], quantize: str | None = None, overhead: int = 0) -> int:
-        """Bytes of the weights of the model these ranks make, quantized or not (the output head
+    def shapes(self, plan: Plan) -> dict[str, LayerShape]:
+        """Each targeted layer's shape once the plan's units are gone."""
+        shapes = {name: f.shape for name, f in self.layers.items()}
+        sizes = widths(shapes, [u.ref for u in self.units.values()], plan.kept)
+        return {name: LayerShape(int(sizes[name][0]), int(sizes[name][1]), shape.bias)
+                for name, shape in shapes.items()}
+
+    def params_of(self, plan: Plan, overhead: int = 0) -> int:
+        shapes = self.shapes(plan)
+        return sum(self.layers[name].params(rank, overhead, shapes[name]) for name, rank in plan.ranks.items())
+
+    def checkpoint_bytes(self, plan: Plan, quantize: str | None = None, overhead: int = 0) -> int:
+        """Bytes of the weights of the model this plan makes, quantized or not (the output head
         counted in float), as `models.tensor_bytes` measures the built model."""
         if self._fixed_bytes is None:
             self._fixed_bytes = tensor_bytes(self.base_model) - sum(
                 f.shape.dense_params * self.base_model.dtype.itemsize for f in self.layers.values())
         dtype_bytes = self.base_model.dtype.itemsize
-        return self._fixed_bytes + sum(self.layers[name].bytes(rank, quantize, dtype_bytes, overhead)
-                                       for name, rank in ranks.items())
+        shapes = self.shapes(plan)
+        return self._fixed_bytes + sum(self.layers[name].bytes(rank, quantize, dtype_bytes, overhead, shapes[name])
+                                       for name, rank in plan.ranks.items())
+
+    def sizes(self, ratios, structure: str = "mixed") -> list[dict]:
+        """What `materialize` makes at each size ratio: parameters, what is removed, bytes in
+        float and quantized (what `info` prints)."""
+        rows = []
+        for ratio in ratios:
+            plan = self.plan_at(ratio, structure=structure)
+            row = {"size_ratio": ratio, "target_params": self.params_of(plan), **self.removed(plan),
+                   "bytes": self.checkpoint_bytes(plan)}
+            for method in ("int8", "nf4"):
+                rounded = self.plan_at(ratio, width_multiple(method), structure=structure)
+                row[f"bytes_{method}"] = self.checkpoint_bytes(rounded, method)
+            rows.append(row)
+        return rows
+
+    def removed(self, plan: Plan) -> dict:
+        """What a plan removes: MLP channels, head groups, singular values below each layer's cap."""
+        shapes = self.shapes(plan)
+        counts = {"mlp_channels": 0, "head_groups": 0, "factorized_layers": 0}
+        for name, u in self.units.items():
+            counts["mlp_channels" if u.ref.site.kind == "mlp" else "head_groups"] += u.ref.units - plan.kept[name]
+        counts["factorized_layers"] = sum(not f.is_dense_at(plan.ranks[name], 0, shapes[name])
+                                          for name, f in self.layers.items())
+        return counts
 
     def uniform_ranks(self, size_ratio: float) -> dict[str, int]:
         """Every layer at `size_ratio` of its own size (the uniform-allocation baseline)."""
@@ -162,13 +265,17 @@ class CompressibleModel:
             ranks[name] = rank
         return ranks
 
-    def materialize(self, size_ratio: float | None = None, *, ranks: dict[str, int] | None = None,
+    def materialize(self, size_ratio: float | None = None, *, plan: Plan | dict[str, int] | None = None,
                     max_bytes: int | None = None, quantize: str | None = None,
-                    quantize_head: bool = False, speed_aware: bool | int = False) -> PreTrainedModel:
+                    quantize_head: bool = False, speed_aware: bool | int = False, structure: str = "mixed",
+                    compensate: bool = True) -> PreTrainedModel:
         """A transformers model at `size_ratio` of the targeted parameters, or the largest whose
-        weights fit `max_bytes`: factorized layers become two small Linears, layers that end up
-        dense are rebuilt at full rank, LoRA is merged. Explicit per-layer `ranks` (each layer's
-        best values first) override the global order. `quantize` (nf4, fp4, int8) returns it
+        weights fit `max_bytes`: the units the global order ranks lowest are removed (with
+        `structure` "channels" MLP channels and head groups only, "svd" singular values only),
+        factorized layers become two small Linears, layers that end up dense are rebuilt at full
+        rank, LoRA is merged. An explicit `plan` (or per-layer ranks: each layer's best values,
+        every unit kept) overrides the global order. `compensate` refits what lost something on the
+        stored calibration windows (acip/compensate.py). `quantize` (nf4, fp4, int8) returns it
         quantized with bitsandbytes, its ranks rounded to what the 4-bit kernel packs.
 
         `speed_aware=True` keeps a layer dense, within the same budget, where its two factors would
@@ -177,23 +284,26 @@ class CompressibleModel:
         start = time.perf_counter()
         multiple = width_multiple(quantize)
         overhead = self.speed_overhead() if speed_aware is True else int(speed_aware)
-        if ranks is None:
+        if isinstance(plan, dict):
+            plan = self.plan_of(plan)
+        if plan is None:
             if (size_ratio is None) == (max_bytes is None):
                 raise HfCompressError("give exactly one of a size ratio and a byte budget")
-            ranks = (self.ranks_at(size_ratio, multiple, overhead) if max_bytes is None
-                     else self.ranks_within(max_bytes, quantize, overhead))
-        model = self._build(ranks, overhead, width_multiple=multiple)
+            plan = (self.plan_at(size_ratio, multiple, overhead, structure) if max_bytes is None
+                    else self.plan_within(max_bytes, quantize, overhead, structure))
+        model = self._build(plan, overhead, compensate, width_multiple=multiple)
         if quantize:
             model = quantize_model(model, quantize, quantize_head)
         model.materialize_seconds = time.perf_counter() - start
         return model
 
     def ratio_within_loss(self, windows: torch.Tensor, max_increase: float, quantize: str | None = None,
-                          resolution: float = 0.01, report=None) -> tuple[float, dict]:
+                          resolution: float = 0.01, report=None, **options) -> tuple[float, dict]:
         """The smallest size ratio (on a grid of `resolution`) whose mean loss on `windows`, held
         aside from calibration, stays within (1 + max_increase) x the dense model's: TAMADE's idea
         (arXiv 2505.17469). Binary search over materializations in memory (loss grows as the size
-        shrinks); `report(ratio, loss, fits)` sees each try. Returns the ratio and the search."""
+        shrinks); `report(ratio, loss, fits)` sees each try; `options` go to
+        `materialize`. Returns the ratio and the search."""
         from ..evaluate import perplexity
 
         if not 0 < max_increase < 10:
@@ -205,7 +315,7 @@ class CompressibleModel:
         def fits(step: int) -> bool:
             ratio = round(step * resolution, 6)
             try:
-                loss = perplexity(self.materialize(ratio, quantize=quantize), windows)["loss"]
+                loss = perplexity(self.materialize(ratio, quantize=quantize, **options), windows)["loss"]
             except HfCompressError:  # below the smallest model this pass can make
                 loss = float("inf")
             search["tries"].append({"size_ratio": ratio, "loss": loss, "fits": loss <= limit})
@@ -227,31 +337,82 @@ class CompressibleModel:
         parameter = next(self.base_model.parameters())
         return call_overhead_params(parameter.device, parameter.dtype)
 
-    def _build(self, ranks: dict[str, int], overhead: int = 0, **info) -> PreTrainedModel:
+    def _build(self, plan: Plan, overhead: int = 0, compensate: bool = True, **info) -> PreTrainedModel:
         model = copy.deepcopy(self.base_model)
+        rows, columns = self._remove_units(model, plan)
+        shapes = self.shapes(plan)
         factorized = {}
-        for name, rank in ranks.items():
+        for name, rank in plan.ranks.items():
             f = self.layers[name]
             module = model.get_submodule(name)
-            if f.is_dense_at(rank, overhead):
+            if f.is_dense_at(rank, overhead, shapes[name]):
                 delta = f.lora_delta()
                 if delta is not None:
-                    set_dense_weight(module, dense_weight(module).float() + delta.to(module.weight.device).float())
+                    delta = _restricted(delta, rows.get(name), columns.get(name)).to(module.weight.device)
+                    set_dense_weight(module, dense_weight(module).float() + delta.float())
             else:
                 factorized[name] = (rank + f.lora_rank, module.bias)
         factorize_(model, {name: r for name, (r, _) in factorized.items()})
         for name, (_, bias) in factorized.items():
-            self._fill(model.get_submodule(name), self.layers[name], ranks[name], bias)
-        params = self.params_of(ranks, overhead)
+            self._fill(model.get_submodule(name), self.layers[name], plan.ranks[name], bias,
+                       rows.get(name), columns.get(name))
+        refit = {name: rows.get(name) for name in {*factorized, *columns}}
+        if compensate and refit and self.windows is not None and not any(f.lora_a is not None for f in self.layers.values()):
+            compensate_layers(model, self.base_model, self.windows, refit, show_progress=False)
+            info["compensated_windows"] = len(self.windows)
+        resized = {name: [s.in_features, s.out_features] for name, s in shapes.items() if s != self.layers[name].shape}
+        if resized and self._uniform(plan, model):
+            resized = {}
+        params = self.params_of(plan, overhead)
         if overhead:
             info["speed_overhead_params"] = overhead
         recorded = ("source_params", "source_bytes", "dataset", "seq_len", "windows")  # for the model card
         carried = {key: self.summary[key] for key in recorded if key in self.summary}
-        mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, method="acip",
-                        objective=self.config.objective,
+        removed = {key: n for key, n in self.removed(plan).items() if key != "factorized_layers"}
+        mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, shapes=resized, method="acip",
+                        objective=self.config.objective, removed=removed,
                         source=self.summary.get("source"), size_ratio=round(params / self.dense_params, 6),
                         target_params=params, target_dense_params=self.dense_params, **carried, **info)
         return model.eval()
+
+    def _remove_units(self, model, plan: Plan) -> tuple[dict, dict]:
+        """Take the units the plan drops out of the dense copy `model` (structured pruning: the
+        same code as `prune`); return, per layer that lost some, the original rows and columns
+        it keeps (what its factors are restricted to)."""
+        rows, columns = {}, {}
+        for name, u in self.units.items():
+            n, k = u.ref.units, plan.kept[name]
+            if k == n:
+                continue
+            keep = u.order[:k].sort().values
+            shrink_site(model.get_submodule(u.ref.prefix.rstrip(".")), 0, u.ref.site, k / n, Chosen(keep))
+            for layer, seg, side in u.ref.segments():
+                kept = rows if side == "out" else columns
+                size = self.layers[layer].shape.out_features if side == "out" else self.layers[layer].shape.in_features
+                mask = kept.get(layer, torch.ones(size, dtype=torch.bool))
+                dropped = torch.ones(n, dtype=torch.bool)
+                dropped[keep] = False
+                units = seg.start + torch.arange(n)[dropped, None] * seg.per_unit + torch.arange(seg.per_unit)
+                mask[units.flatten()] = False
+                kept[layer] = mask
+        return ({name: m.nonzero().squeeze(1) for name, m in rows.items()},
+                {name: m.nonzero().squeeze(1) for name, m in columns.items()})
+
+    def _uniform(self, plan: Plan, model) -> bool:
+        """Whether every block keeps the same number of channels (and of head groups); if so the
+        config of `model` is rewritten to say the new widths, and the architecture stays the
+        vanilla one (else the checkpoint records per-layer shapes)."""
+        _, blocks = decoder_blocks(model)
+        kept = {}
+        for name, u in self.units.items():
+            kept.setdefault(u.ref.site.kind, []).append((plan.kept[name], u.ref.units))
+        removed = {kind: [k for k, _ in pairs] for kind, pairs in kept.items() if any(k < n for k, n in pairs)}
+        if not all(len(counts) == len(blocks) and len(set(counts)) == 1 for counts in removed.values()):
+            return False
+        config = model.config.get_text_config()
+        channels = removed.get("mlp", [next(getattr(config, w) for w in MLP_WIDTHS if hasattr(config, w))])[0]
+        shrink_config(config, blocks, channels, removed["attention"][0] if "attention" in removed else None)
+        return True
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> CompressibleModel:
         """Materialize on `device` in `dtype` from now on (the stored factors stay fp32 on CPU)."""
@@ -260,12 +421,12 @@ class CompressibleModel:
         return self
 
     @staticmethod
-    def _fill(module, f: LayerFactors, rank: int, bias) -> None:
-        proj_in = f.s[:rank, None] * f.vt[:rank].float()
-        proj_out = f.u[:, :rank].float()
+    def _fill(module, f: LayerFactors, rank: int, bias, rows=None, columns=None) -> None:
+        proj_in = _restricted(f.s[:rank, None] * f.vt[:rank].float(), None, columns)
+        proj_out = _restricted(f.u[:, :rank].float(), rows, None)
         if f.lora_a is not None:
-            proj_in = torch.cat([proj_in, f.lora_a.float()])
-            proj_out = torch.cat([proj_out, f.lora_b.float()], dim=1)
+            proj_in = torch.cat([proj_in, _restricted(f.lora_a.float(), None, columns)])
+            proj_out = torch.cat([proj_out, _restricted(f.lora_b.float(), rows, None)], dim=1)
         module.proj_in.weight.data = proj_in.to(module.proj_in.weight).contiguous()
         module.proj_out.weight.data = proj_out.to(module.proj_out.weight).contiguous()
         if bias is not None:
@@ -281,10 +442,16 @@ class CompressibleModel:
             if f.lora_a is not None:
                 tensors[f"{name}.lora_a"] = f.lora_a.contiguous()
                 tensors[f"{name}.lora_b"] = f.lora_b.contiguous()
+        for name, u in self.units.items():
+            tensors[f"units.{name}.order"] = u.order.contiguous()
+            tensors[f"units.{name}.score"] = u.score.contiguous()
+        if self.windows is not None:
+            tensors[WINDOWS_KEY] = self.windows.contiguous()
         meta = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "layers": {name: f.shape.to_json() for name, f in self.layers.items()},
+            "units": {name: u.ref.to_json() for name, u in self.units.items()},
             "summary": self.summary,
         }
         with atomic_dir(output, overwrite=overwrite) as tmp:
@@ -315,6 +482,8 @@ class CompressibleModel:
                 parts = {k: tensors[f"{name}.{k}"] for k in FACTOR_KEYS}
                 lora = {k: tensors.get(f"{name}.{k}") for k in ("lora_a", "lora_b")}
                 layers[name] = LayerFactors(LayerShape.from_json(shape), **parts, **lora)
+            units = {name: UnitScores(SiteRef.from_json(ref), tensors[f"units.{name}.order"],
+                                      tensors[f"units.{name}.score"]) for name, ref in meta.get("units", {}).items()}
             config = load_config(path, trust_remote_code)
             base = model_class_for(config, trust_remote_code).from_pretrained(  # folded bases too
                 path, trust_remote_code=trust_remote_code)
@@ -326,4 +495,4 @@ class CompressibleModel:
         has_tokenizer = (path / "tokenizer_config.json").is_file()
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_tokenizer else None
         config = AcipConfig.from_dict(meta["config"])
-        return cls(base.eval(), layers, config, meta.get("summary"), tokenizer)
+        return cls(base.eval(), layers, config, meta.get("summary"), tokenizer, units, tensors.get(WINDOWS_KEY))

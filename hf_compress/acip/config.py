@@ -9,6 +9,8 @@ from ..errors import HfCompressError
 BASES = ("whitened", "plain")
 OBJECTIVES = ("saliency", "acip", "torque", "drr", "nuclear", "pmmp")  # acip/objectives.py: one class each
 LAMBDA_SCHEDULES = ("controller", "geometric")
+UNITS = ("values", "channels", "all")  # acip/gates.py
+LOSSES = ("labels", "dense")
 
 
 @dataclass
@@ -26,6 +28,9 @@ class AcipConfig:
 
     stop_ratio: float = 0.4
     objective: str = "saliency"
+    loss: str = "labels"  # "labels": next-token cross-entropy; "dense": KL to the dense model's distribution
+    units: str | None = None  # "values" (singular values), "channels" (+ MLP channels), "all" (+ KV head groups);
+    # None: "channels" for saliency (head groups die first and cost most: docs/BENCHMARKS.md), else "values"
     max_steps: int = 200
     batch_size: int = 4
     basis: str = "whitened"  # "whitened" (activation-aware, SVD-LLM) or "plain" SVD
@@ -59,6 +64,15 @@ class AcipConfig:
             raise HfCompressError(f"LoRA rank must be >= 0, got {self.lora_rank}")
         if self.objective not in OBJECTIVES:
             raise HfCompressError(f"objective must be one of {OBJECTIVES}, not '{self.objective}'")
+        if self.loss not in LOSSES:
+            raise HfCompressError(f"loss must be one of {LOSSES}, not '{self.loss}'")
+        if self.units is None:
+            self.units = "channels" if self.objective == "saliency" else "values"
+        if self.units not in UNITS:
+            raise HfCompressError(f"units must be one of {UNITS}, not '{self.units}'")
+        if self.units != "values" and self.objective != "saliency":
+            raise HfCompressError(f"objective '{self.objective}' ranks singular values only; "
+                                  "pass --units values with it (MLP channels and head groups need saliency)")
         if self.lambda_schedule not in LAMBDA_SCHEDULES:
             raise HfCompressError(f"lambda schedule must be one of {LAMBDA_SCHEDULES}, not '{self.lambda_schedule}'")
         if self.lambda_every < 1:
@@ -89,4 +103,5 @@ class AcipConfig:
     @classmethod
     def from_dict(cls, data: dict) -> AcipConfig:
         names = {f.name for f in fields(cls)}
+        data = {"units": "values", **data}  # passes written before units were ranked
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -43,7 +43,37 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-class SVDLinear(nn.Module):
+class Ranked(nn.Module):
+    """What the pass ranks: one mask per unit (a singular value, an MLP channel, a head group),
+    which units are alive, and their scores. `cost` is the dense parameters one unit holds: the
+    objective drains each unit in proportion to it, so units are ranked by what they save."""
+
+    def __init__(self, mask: torch.Tensor, cost: int):
+        super().__init__()
+        self.mask = nn.Parameter(mask)
+        self.register_buffer("alive", torch.ones_like(mask, dtype=torch.bool))
+        self.register_buffer("score", torch.zeros_like(mask))
+        self.cost = cost
+        self.continuous = False  # set by the objective: the model sees the mask, not a straight-through 1
+
+    def on_death(self) -> None:
+        """Called after units died."""
+
+    @torch.no_grad()
+    def update_scores(self, importance: torch.Tensor, died: torch.Tensor, depth: torch.Tensor) -> None:
+        """After an optimizer step: alive units score their `importance`, those that `died` now
+        score 1 / (1 + `depth` past death) in (0, 1], and every dead score then drops by 1, so the
+        earlier a unit died the lower it ranks, and of those dying together the deepest first."""
+        died = self.alive & died
+        self.score.copy_(torch.where(self.alive, importance, self.score))
+        self.score[died] = 1 / (1 + depth[died].float())
+        self.alive &= ~died
+        self.score[~self.alive] -= 1.0
+        if died.any():
+            self.on_death()
+
+
+class SVDLinear(Ranked):
     """U and V are frozen parameters (out x r and in x r) so that FSDP shards them by rows: every
     process holds all singular values of its rows, and dropping dead values stays local. They
     store alive values first, so the matmuls use column views, not copies; `stored[p]` is the
@@ -58,20 +88,17 @@ class SVDLinear(nn.Module):
         lora_rank: int = 0,
         lora_alpha: float | None = None,
     ):
-        super().__init__()
-        self.shape: LayerShape = layer_shape(base)
+        shape = layer_shape(base)
         weight = dense_weight(base).detach()
         u, s, vt = svd_factors(weight, cholesky)
+        super().__init__(torch.full_like(s, mask_init), shape.in_features + shape.out_features)
+        self.shape: LayerShape = shape
         dtype = weight.dtype
         self.u = nn.Parameter(u.to(dtype).contiguous(), requires_grad=False)
         self.v = nn.Parameter(vt.t().to(dtype).contiguous(), requires_grad=False)
         self.register_buffer("s", s)
         self.register_buffer("stored", torch.arange(len(s), device=s.device))
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
-        self.mask = nn.Parameter(torch.full_like(s, mask_init))
-        self.register_buffer("alive", torch.ones_like(s, dtype=torch.bool))
-        self.register_buffer("score", torch.zeros_like(s))
-        self.continuous = False  # set by the objective: the model sees the mask, not a straight-through 1
         self.lora_scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else 0.0
         if lora_rank:
             self.lora_a = nn.Parameter(torch.empty(lora_rank, self.shape.in_features, dtype=dtype))
@@ -127,15 +154,5 @@ class SVDLinear(nn.Module):
             y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
         return y
 
-    @torch.no_grad()
-    def update_scores(self, importance: torch.Tensor, died: torch.Tensor, depth: torch.Tensor) -> None:
-        """After an optimizer step: alive values score their `importance`, those that `died` now
-        score 1 / (1 + `depth` past death) in (0, 1], and every dead score then drops by 1, so the
-        earlier a value died the lower it ranks, and of those dying together the deepest first."""
-        died = self.alive & died
-        self.score.copy_(torch.where(self.alive, importance, self.score))
-        self.score[died] = 1 / (1 + depth[died].float())
-        self.alive &= ~died
-        self.score[~self.alive] -= 1.0
-        if died.any():
-            self.compact()
+    def on_death(self) -> None:
+        self.compact()

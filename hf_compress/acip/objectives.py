@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .config import OBJECTIVES as NAMES, AcipConfig
-from .layer import SVDLinear
+from .layer import Ranked, SVDLinear
 
 
 CONTINUOUS_DEATH = 0.05
@@ -35,10 +35,12 @@ class Objective:
     name: str
     continuous = False  # the model sees the mask itself rather than a straight-through 1
 
-    def __init__(self, config: AcipConfig, layers: dict[str, SVDLinear]):
+    def __init__(self, config: AcipConfig, layers: dict[str, Ranked]):
         self.config = config
         for layer in layers.values():
             layer.continuous = self.continuous
+        units = sum(len(layer.mask) for layer in layers.values())
+        self.mean_cost = sum(layer.cost * len(layer.mask) for layer in layers.values()) / max(1, units)
 
     def step(self, layers: dict[str, SVDLinear], lam: float) -> None:
         raise NotImplementedError
@@ -86,7 +88,10 @@ def with_gradient(layers: dict[str, SVDLinear]) -> list[SVDLinear]:
 
 
 class Saliency(Objective):
-    """mask += lr * (|dL/dgate| / mean over alive masks - lam), capped at the initial mask.
+    """mask += lr * (a / mean a over alive masks - lam), capped at the initial mask, where
+    a = |dL/dgate| / (cost / mean cost): a unit's first-order loss change per parameter it holds,
+    so singular values, channels and head groups die in the order of what they cost per parameter
+    saved, each at the same pace whatever its size.
 
     An accumulated first-order saliency with a drain: a value whose removal the loss feels
     (large |gate gradient|) is refilled faster than lam drains it; summed over steps this is a
@@ -98,14 +103,14 @@ class Saliency(Objective):
     name = "saliency"
 
     @torch.no_grad()
-    def step(self, layers: dict[str, SVDLinear], lam: float) -> None:
+    def step(self, layers: dict[str, Ranked], lam: float) -> None:
         reached = with_gradient(layers)
         if not reached:
             return
-        grads = torch.cat([layer.mask.grad[layer.alive] for layer in reached])
-        scale = grads.float().abs().mean().clamp_min(1e-20)
+        saliency = {id(layer): layer.mask.grad.abs().float() * (self.mean_cost / layer.cost) for layer in reached}
+        scale = torch.cat([saliency[id(layer)][layer.alive] for layer in reached]).mean().clamp_min(1e-20)
         for layer in reached:
-            layer.mask += self.config.learning_rate * (layer.mask.grad.abs() / scale - lam * layer.alive)
+            layer.mask += self.config.learning_rate * (saliency[id(layer)] / scale - lam * layer.alive)
             layer.mask.clamp_(max=self.config.mask_init)
             layer.mask.grad = None
 

@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import parse_flag_from_env
 from torch import nn
+from torch.nn import functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
@@ -32,14 +33,16 @@ from tqdm.auto import tqdm
 from ..checkpoint import source_of, source_sizes
 from ..errors import HfCompressError
 from ..io import atomic_save
-from ..models import decoder_blocks, expert_params, find_targets, require_dense
-from .compressible import CompressibleModel, LayerFactors
+from ..models import LayerShape, decoder_blocks, expert_params, find_targets, require_dense
+from .compressible import CompressibleModel, LayerFactors, UnitScores
 from .config import AcipConfig
-from .layer import SVDLinear, full
+from .gates import UnitGate, attach_gates, unit_sites, widths
+from .layer import Ranked, SVDLinear, full
 from .objectives import make_objective
 from .whitening import block_covariances, cholesky
 
 PROGRESS_FILE = "progress.pt"
+COMPENSATION_WINDOWS = 16  # calibration windows kept in the compressible directory for compensation
 
 
 def inject(model: nn.Module, config: AcipConfig, names,
@@ -52,22 +55,31 @@ def inject(model: nn.Module, config: AcipConfig, names,
     return layers
 
 
-def size_ratio(layers: dict[str, SVDLinear]) -> float:
-    kept = sum(layer.shape.params_at_rank(layer.rank) for layer in layers.values())
+def _widths(layers: dict[str, SVDLinear], gates: dict[str, UnitGate], count) -> dict[str, tuple]:
+    shapes = {name: layer.shape for name, layer in layers.items()}
+    return widths(shapes, [gate.ref for gate in gates.values()], {name: count(g) for name, g in gates.items()})
+
+
+def size_ratio(layers: dict[str, SVDLinear], gates: dict[str, UnitGate] | None = None) -> float:
+    """Parameters the alive units make (dense cap included), as a fraction of the targets' own."""
+    sizes = _widths(layers, gates or {}, lambda gate: int(gate.alive.sum()))
+    kept = sum(LayerShape(*map(int, sizes[name]), layer.shape.bias).params_at_rank(layer.rank)
+               for name, layer in layers.items())
     return kept / sum(layer.shape.dense_params for layer in layers.values())
 
 
 @torch.no_grad()
-def soft_ratio(layers: dict[str, SVDLinear], objective) -> float:
-    """Factor size counting each alive value by its `objective.fullness` (1 at the start, 0 at
+def soft_ratio(layers: dict[str, SVDLinear], gates: dict[str, UnitGate], objective) -> float:
+    """Factor size counting each alive unit by its `objective.fullness` (1 at the start, 0 at
     death), without the dense cap. It moves as soon as masks start to fall, well before they die
     (and the capped size ratio does not move until a layer drops below its cap), so lambda is
     steered by it without lag; masks that noise pushes up count as much as those it pushes down,
     so noise alone does not move it."""
-    kept = sum(
-        float((objective.fullness(layer) * layer.alive).sum()) * (layer.shape.in_features + layer.shape.out_features)
-        for layer in layers.values()
-    )
+    def soft(unit) -> float:
+        return float((objective.fullness(unit) * unit.alive).sum())
+
+    sizes = _widths(layers, gates, soft)
+    kept = sum(soft(layer) * sum(sizes[name]) for name, layer in layers.items())
     return kept / sum(layer.shape.dense_params for layer in layers.values())
 
 
@@ -179,21 +191,29 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     trained = training_copy(model)
     layers = {name: trained.get_submodule(name) for name in layers}
     put_back(model, originals)
-    model.cpu()  # the dense base waits in host memory; the trained copy keeps its own device tensors
+    shapes = {name: layer.shape for name, layer in layers.items()}
+    gates = attach_gates(trained, unit_sites(model, config.units, shapes), shapes, config.mask_init)
+    ranked = {**layers, **gates}  # everything the objective moves and the pass ranks
+    if config.loss == "dense" and fsdp:
+        raise HfCompressError("--loss dense needs the dense model beside the trained one in every process; "
+                              "with FSDP use --loss labels")
+    teacher = model.eval() if config.loss == "dense" else None  # stays on the device, beside the trained copy
+    if teacher is None:
+        model.cpu()  # the dense base waits in host memory; the trained copy keeps its own device tensors
     stages.done("whitening_svd")
 
     progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
     saved = _load_progress(progress, config) if progress is not None and progress.is_file() else None
     if saved is not None:
-        _restore_layers(layers, saved["layers"])
-    wrapped = shard(trained, layers) if fsdp else accelerator.prepare(trained)
+        _restore_layers(ranked, saved["layers"])
+    wrapped = shard(trained, ranked) if fsdp else accelerator.prepare(trained)
     for layer in layers.values():
         layer.compact()  # after a restore, and so the cached indices follow wherever wrapping put the masks
-    objective = make_objective(config, layers)
+    objective = make_objective(config, ranked)
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
     optimizer = torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0) if loras else None
     state = {"step": 0, "lam": config.lambda_init, "history": [],
-             "start_soft_ratio": soft_ratio(layers, objective)}
+             "start_soft_ratio": soft_ratio(layers, gates, objective)}
     if saved is not None:
         state = saved["state"]
         if optimizer is not None:
@@ -205,7 +225,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     loader = accelerator.prepare(DataLoader(TensorDataset(data), batch_size=config.batch_size, drop_last=True))
 
     with checkpointed_blocks(trained, config.gradient_checkpointing):
-        ratio = size_ratio(layers)
+        ratio = size_ratio(layers, gates)
         bar = tqdm(total=config.max_steps, initial=state["step"], desc="ACIP",
                    disable=not show_progress)
         # Eval mode: no dropout, so the ranking is deterministic and equal across processes.
@@ -213,28 +233,28 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             if state["step"] >= config.max_steps or ratio <= config.stop_ratio:
                 break
             started = time.perf_counter()
-            loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss  # no cache to refill on recompute
+            loss = pass_loss(wrapped, teacher, batch)
             accelerator.backward(loss)
             if fsdp:
-                average_mask_grads(layers, accelerator)
-            objective.step(layers, state["lam"])
+                average_mask_grads(ranked, accelerator)
+            objective.step(ranked, state["lam"])
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for layer in layers.values():
-                layer.update_scores(objective.importance(layer), objective.dying(layer), objective.depth(layer))
+            for unit in ranked.values():
+                unit.update_scores(objective.importance(unit), objective.dying(unit), objective.depth(unit))
             state["step"] += 1
-            ratio = size_ratio(layers)
+            ratio = size_ratio(layers, gates)
             target = config.target_ratio(state["step"], state["start_soft_ratio"])
             loss_value = accelerator.reduce(loss.detach(), "mean").item()
             state["history"].append({"step": state["step"], "size_ratio": round(ratio, 5), "lambda": state["lam"],
                                      "loss": round(loss_value, 4), "seconds": round(time.perf_counter() - started, 3)})
-            state["lam"] = next_lambda(config, state, soft_ratio(layers, objective), ratio, target)
+            state["lam"] = next_lambda(config, state, soft_ratio(layers, gates, objective), ratio, target)
             bar.update(1)
             bar.set_postfix(ratio=f"{ratio:.3f}", target=f"{target:.3f}", lam=f"{state['lam']:.2e}",
                             loss=f"{loss_value:.3f}")
             if progress is not None and state["step"] % config.save_every == 0:
-                _save_progress(accelerator, progress, config, trained, layers, optimizer, objective, state)
+                _save_progress(accelerator, progress, config, trained, ranked, optimizer, objective, state)
         bar.close()
     stages.done("pass")
 
@@ -246,13 +266,28 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
             "Raise --max-steps to prune further."
         )
     summary = {"steps": state["step"], "final_ratio": ratio, "reached_stop_ratio": reached,
+               "ranked_units": {kind: sum(len(g.mask) for g in gates.values() if g.ref.site.kind == kind)
+                                for kind in ("mlp", "attention")},
                **({"uncompressed_expert_params": experts} if experts else {}),
                "num_processes": accelerator.num_processes, "fsdp": fsdp, "history": state["history"]}
-    result = _to_compressible(model, layers, config, summary, tokenizer)
+    model.cpu()
+    result = _to_compressible(model, layers, config, summary, tokenizer, gates, data[:COMPENSATION_WINDOWS])
     stages.done("finish")
     result.summary["stages"] = stages.report()
     accelerator.wait_for_everyone()
     return result
+
+
+def pass_loss(model, teacher, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the windows, or, with a `teacher` (the dense model), the KL
+    divergence from its next-token distribution to the trained model's, per predicted token."""
+    if teacher is None:
+        return model(input_ids=batch, labels=batch, use_cache=False).loss  # no cache to refill on recompute
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    with torch.no_grad():
+        target = teacher(input_ids=batch, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    return F.kl_div(logits.log_softmax(-1).flatten(0, 1), target.flatten(0, 1), log_target=True,
+                    reduction="batchmean")
 
 
 def fsdp_requested(state) -> bool:
@@ -282,7 +317,7 @@ def training_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def shard(model: nn.Module, layers: dict[str, SVDLinear]) -> nn.Module:
+def shard(model: nn.Module, layers: dict[str, Ranked]) -> nn.Module:
     """FSDP2: each decoder block is one unit, the rest (embeddings, final norm, head) the root's.
     U, V, LoRA and the frozen weights are sharded by rows; the masks stay whole in every process
     (`average_mask_grads` averages their gradients), so every step ranks every value."""
@@ -294,7 +329,7 @@ def shard(model: nn.Module, layers: dict[str, SVDLinear]) -> nn.Module:
 
 
 @torch.no_grad()
-def average_mask_grads(layers: dict[str, SVDLinear], accelerator: Accelerator) -> None:
+def average_mask_grads(layers: dict[str, Ranked], accelerator: Accelerator) -> None:
     """Average the masks' gradients over the processes, as DDP does for its parameters; a mask that
     no process's tokens reached keeps no gradient."""
     masks = [layer.mask for layer in layers.values()]
@@ -362,9 +397,9 @@ def cycle_batches(accelerator, loader, start_step: int):
         skip = 0
 
 
-def _layer_state(layers: dict[str, SVDLinear]) -> dict:
+def _layer_state(layers: dict[str, Ranked]) -> dict:
     keys = ("mask", "alive", "score", "lora_a", "lora_b")
-    return {name: {k: full(getattr(layer, k)).detach().cpu() for k in keys if getattr(layer, k) is not None}
+    return {name: {k: full(getattr(layer, k)).detach().cpu() for k in keys if getattr(layer, k, None) is not None}
             for name, layer in layers.items()}
 
 
@@ -389,7 +424,7 @@ def _load_progress(path: Path, config: AcipConfig) -> dict:
 
 
 @torch.no_grad()
-def _restore_layers(layers: dict[str, SVDLinear], saved: dict) -> None:
+def _restore_layers(layers: dict[str, Ranked], saved: dict) -> None:
     for name, tensors in saved.items():
         for key, value in tensors.items():
             getattr(layers[name], key).copy_(value)
@@ -403,9 +438,10 @@ def put_back(model: nn.Module, modules: dict[str, nn.Module]) -> None:
 
 
 @torch.no_grad()
-def _to_compressible(model, layers, config, summary, tokenizer) -> CompressibleModel:
+def _to_compressible(model, layers, config, summary, tokenizer, gates=None, windows=None) -> CompressibleModel:
     """Sort each layer's values best-first and keep those that can matter (beyond the dense cap a
-    layer is stored dense). Every process takes part (sharded factors are gathered)."""
+    layer is stored dense), and each site's units best-first; keep `windows` for compensation.
+    Every process takes part (sharded factors are gathered)."""
     factors = {}
     for name, layer in layers.items():
         shape = layer.shape
@@ -416,8 +452,13 @@ def _to_compressible(model, layers, config, summary, tokenizer) -> CompressibleM
         lora_b = None if layer.lora_b is None else (full(layer.lora_b) * layer.lora_scale).detach().cpu()
         factors[name] = LayerFactors(shape, *(t.cpu() for t in layer.factors(order)), layer.score[order].cpu(),
                                      lora_a, lora_b)
+    units = {}
+    for name, gate in (gates or {}).items():
+        order = torch.sort(gate.score, descending=True, stable=True).indices
+        units[name] = UnitScores(gate.ref, order.cpu(), gate.score[order].cpu())
     summary = {**summary, "source": source_of(model), **source_sizes(model)}
-    return CompressibleModel(model.cpu(), factors, config, summary, tokenizer)
+    return CompressibleModel(model.cpu(), factors, config, summary, tokenizer, units,
+                             None if windows is None else windows.cpu())
 
 
 def clear_progress(progress_dir: str | Path) -> None:

@@ -30,7 +30,7 @@ def _split_hidden(args: tuple, kwargs: dict):
     return rest.pop("hidden_states"), (), rest
 
 
-def _block_output(output) -> torch.Tensor:
+def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -39,7 +39,7 @@ class _Recorded(Exception):
 
 
 @torch.no_grad()
-def _record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]):
+def record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]):
     """First block's hidden states per batch, and every block's other arguments per batch (the
     attention masks and position embeddings can differ between blocks, e.g. sliding windows).
     The blocks do not run (each passes its input on), so they may wait on the CPU meanwhile."""
@@ -128,7 +128,7 @@ def block_covariances(model: nn.Module, targets: dict[str, nn.Module], batches: 
     that do not fit one device)."""
     prefix, blocks = decoder_blocks(model)
     warn_if_few_tokens(targets, sum(batch.numel() for batch in batches))
-    hidden, calls = _record_block_calls(model, blocks, batches)
+    hidden, calls = record_block_calls(model, blocks, batches)
     for index, block in enumerate(tqdm(blocks, desc="input covariances, block by block", leave=False,
                                        disable=not show_progress)):
         inside = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{index}.")}
@@ -137,7 +137,7 @@ def block_covariances(model: nn.Module, targets: dict[str, nn.Module], batches: 
         sums = _SharedInputs(inside)
         try:
             for b, (args, kwargs) in enumerate(calls[index]):
-                hidden[b] = _block_output(block(hidden[b], *args, **kwargs))
+                hidden[b] = block_output(block(hidden[b], *args, **kwargs))
                 sums.end_forward()
         finally:
             sums.remove()
