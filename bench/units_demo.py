@@ -4,7 +4,7 @@ simple methods at the same number of targeted parameters, on the demo or --model
 Rows, at sizes 0.9 / 0.8 / 0.7 / 0.6 of the targeted Linear parameters:
 - dense;
 - activation pruning (`prune`'s default: MLP channels of every block, Wanda-sp / FLAP scores from
-  one sweep), its ratio set so the targeted parameters match the size;
+  one sweep over 64 windows of 256 tokens), its ratio set so the targeted parameters match the size;
 - whitened SVD (SVD-LLM) at the per-layer ranks of the values-only pass;
 - the values-only pass (singular values alone, as before units were ranked); `--old-pass DIR`
   adds a row for a pass written by an earlier version (today's pass, as users have it);
@@ -100,6 +100,7 @@ def main():
     torch.manual_seed(0)
     dense, tokenizer = hfc.load_model(args.model)
     calibration = hfc.calibration_data(tokenizer, "builtin", seq_len=128)
+    prune_data = hfc.calibration_data(tokenizer, "builtin", seq_len=256, max_windows=64)  # `prune`'s defaults
     windows = splits(tokenizer, args.windows)
     passes = Passes(args, calibration)
 
@@ -118,7 +119,7 @@ def main():
         return cm.materialize(size, structure="svd", compensate=False)
 
     rows = {
-        "activation pruning, same parameters": lambda s: activation_pruned(args.model, calibration, s),
+        "activation pruning, same parameters": lambda s: activation_pruned(args.model, prune_data, s),
         "whitened SVD at the values pass's allocation": whitened,
         "values pass (singular values only)": lambda s: values_pass().materialize(s, structure="svd", compensate=False),
         "units alone (channels pass, mixed, no compensation)": lambda s: passes.get().materialize(s, compensate=False),
