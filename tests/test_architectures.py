@@ -86,11 +86,12 @@ def test_architecture(arch, tmp_path):
         result = acip(model, data, max_steps=4, batch_size=4, stop_ratio=0.5, show_progress=False)
     assert any("experts' weights" in str(w.message) for w in caught) == moe
     assert (result.summary.get("uncompressed_expert_params", 0) > 0) == moe
-    small = result.materialize(0.6)
-    assert small.config.hf_compress["ranks"]
-    expected = [small(inputs).logits]
+    small, factorized = result.materialize(0.6), result.materialize(0.6, structure="svd")
+    assert small.config.hf_compress["size_ratio"] <= 0.6 and factorized.config.hf_compress["ranks"]
+    expected = [small(inputs).logits, factorized(inputs).logits]
     save_checkpoint(small, None, tmp_path / "materialized")
-    directories = [tmp_path / "materialized"]
+    save_checkpoint(factorized, None, tmp_path / "factorized")
+    directories = [tmp_path / "materialized", tmp_path / "factorized"]
 
     shrinks = {"folded": (fold, dict(verb="fold", doing="folding")),
                "pruned": (lambda model, **kw: prune(model, data, **kw), dict(verb="prune", doing="pruning"))}

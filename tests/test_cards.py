@@ -3,6 +3,7 @@ parses (source, license, tags, eval results as model-index), with sizes against 
 `eval` refreshes it unless the user wrote their own. The template ships in the package."""
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def test_a_sweep_is_a_table_not_model_index(monkeypatch, capsys, tmp_path, token
                          "--seq-len", 32)
     assert code in (0, None)
     card = card_of(path)
-    assert card.data.eval_results is None and "| 0.500 |" in card.text and "| 1.000 |" in card.text
+    assert card.data.eval_results is None and "| 1.000 |" in card.text
+    assert re.search(r"\| 0\.(49\d|500) \|", card.text)  # at most the asked size (whole channels: a little under)
 
 
 def test_the_template_ships_in_the_package():

@@ -9,7 +9,7 @@ from hf_compress import AcipConfig, HfCompressError, acip
 from hf_compress.acip import objectives, train
 from hf_compress.acip.config import OBJECTIVES
 
-SETTINGS = dict(max_steps=16, stop_ratio=0.4, batch_size=4, show_progress=False)
+SETTINGS = dict(max_steps=20, stop_ratio=0.4, batch_size=4, show_progress=False)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)

@@ -21,7 +21,6 @@ from ..models import decoder_blocks, dense_weight, set_dense_weight
 from ..modeling_hf_compress import FactorizedLinear
 from .whitening import block_output, record_block_calls
 
-SEQUENTIAL = True
 DAMPING = 1.0  # ridge toward the current weights, in units of the mean input energy (chosen on validation)
 
 
@@ -48,10 +47,12 @@ def _fit_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compensate(model: nn.Module, dense: nn.Module, windows: torch.Tensor, rows: dict[str, torch.Tensor | None],
-               batch_size: int = 4, damping: float = DAMPING, show_progress: bool = True) -> nn.Module:
+               batch_size: int = 4, damping: float | None = None, show_progress: bool = True) -> nn.Module:
     """Refit, in place, the layers of `model` named in `rows` (each with the dense layer's output
     rows it kept, None for all) against `dense`, the model it was compressed from, on `windows`
-    (n x seq_len token ids). Both models share embeddings and block arguments."""
+    (n x seq_len token ids). Both models share embeddings and block arguments. `damping`: the
+    ridge (default `DAMPING`)."""
+    damping = DAMPING if damping is None else damping
     prefix, blocks = decoder_blocks(model)
     dense_blocks = decoder_blocks(dense)[1]
     device = next(model.parameters()).device
@@ -63,10 +64,7 @@ def compensate(model: nn.Module, dense: nn.Module, windows: torch.Tensor, rows: 
         inside = {name.removeprefix(f"{prefix}.{index}."): kept for name, kept in rows.items()
                   if name.startswith(f"{prefix}.{index}.")}
         dense_inputs = _run(dense_block, list(inside), dense_hidden, arguments)
-        groups = _groups(block, list(inside), hidden[0], arguments[0])
-        if not SEQUENTIAL and groups:
-            groups = [[name for group in groups for name in group]]
-        for group in groups:
+        for group in _groups(block, list(inside), hidden[0], arguments[0]):
             _refit(block, dense_block, group, inside, dense_inputs, hidden, arguments, damping)
         _run(block, [], hidden, arguments)
         calls[index] = None

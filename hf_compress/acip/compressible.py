@@ -361,7 +361,8 @@ class CompressibleModel:
             compensate_layers(model, self.base_model, self.windows, refit, show_progress=False)
             info["compensated_windows"] = len(self.windows)
         resized = {name: [s.in_features, s.out_features] for name, s in shapes.items() if s != self.layers[name].shape}
-        if resized and self._uniform(plan, model):
+        earlier = (getattr(model.config, "hf_compress", None) or {}).get("shapes", {})  # a folded or pruned base
+        if resized and not earlier and self._uniform(plan, model):
             resized = {}
         params = self.params_of(plan, overhead)
         if overhead:
@@ -369,7 +370,8 @@ class CompressibleModel:
         recorded = ("source_params", "source_bytes", "dataset", "seq_len", "windows")  # for the model card
         carried = {key: self.summary[key] for key in recorded if key in self.summary}
         removed = {key: n for key, n in self.removed(plan).items() if key != "factorized_layers"}
-        mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, shapes=resized, method="acip",
+        mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, shapes={**earlier, **resized},
+                        method="acip",
                         objective=self.config.objective, removed=removed,
                         source=self.summary.get("source"), size_ratio=round(params / self.dense_params, 6),
                         target_params=params, target_dense_params=self.dense_params, **carried, **info)
