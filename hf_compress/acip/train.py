@@ -162,6 +162,9 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
     _check_launch(accelerator)
     fsdp = fsdp_requested(accelerator) if fsdp is None else fsdp
+    if config.loss == "dense" and fsdp:
+        raise HfCompressError("--loss dense needs the dense model beside the trained one in every process; "
+                              "with FSDP use --loss labels")
     if config.batch_size % accelerator.num_processes:
         raise HfCompressError(
             f"batch size {config.batch_size} must be a multiple of the {accelerator.num_processes} processes"
@@ -194,9 +197,6 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     shapes = {name: layer.shape for name, layer in layers.items()}
     gates = attach_gates(trained, unit_sites(model, config.units, shapes), shapes, config.mask_init)
     ranked = {**layers, **gates}  # everything the objective moves and the pass ranks
-    if config.loss == "dense" and fsdp:
-        raise HfCompressError("--loss dense needs the dense model beside the trained one in every process; "
-                              "with FSDP use --loss labels")
     teacher = model.eval() if config.loss == "dense" else None  # stays on the device, beside the trained copy
     if teacher is None:
         model.cpu()  # the dense base waits in host memory; the trained copy keeps its own device tensors
