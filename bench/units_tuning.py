@@ -33,7 +33,8 @@ def deaths(cm: hfc.CompressibleModel) -> None:
             died = (steps + score[score <= 0].ceil()).long()
             print(kind, len(score), "units; dead by step", {s: int((died < s).sum()) for s in range(5, steps + 1, 5)})
     for size in (0.9, 0.8, 0.7, 0.6):
-        print(size, "removes", cm.removed(cm.plan_at(size)))
+        [row] = cm.sizes([size])
+        print(size, "removes", {key: row[key] for key in ("mlp_channels", "head_groups", "factorized_layers")})
 
 
 def compensation(cm: hfc.CompressibleModel, args) -> None:
@@ -43,12 +44,14 @@ def compensation(cm: hfc.CompressibleModel, args) -> None:
     cm.windows = cm.windows[:args.windows]
     for structure in args.structures.split(","):
         plan = cm.plan_at(args.size, structure=structure)
+        [row] = cm.sizes([args.size], structure)
+        removed = {key: row[key] for key in ("mlp_channels", "head_groups", "factorized_layers")}
         for damping in map(float, args.damping.split(",")):
             compensation_module.DAMPING = damping
             model = cm.materialize(plan=plan, compensate=damping > 0)
             scores = {d: round(perplexity(model, w)["perplexity"], 2) for d, w in windows.items()}
             print(args.size, structure, f"ridge {damping}" if damping else "not compensated", scores,
-                  cm.removed(plan), flush=True)
+                  removed, flush=True)
 
 
 def main():

@@ -1,5 +1,6 @@
 """One global order over singular values, MLP channels and head groups; compensation; the dense loss."""
 
+import copy
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def test_removing_units_equals_zeroing_their_columns(compressible):
     plan = compressible.plan_at(0.7, structure="channels")
     assert compressible.removed(plan)["mlp_channels"] > 0
     built = compressible.materialize(plan=plan, compensate=False)
-    reference = __import__("copy").deepcopy(compressible.base_model)
+    reference = copy.deepcopy(compressible.base_model)
     for name, units in compressible.units.items():
         dropped = units.order[plan.kept[name]:]
         for layer, seg, side in units.ref.segments():

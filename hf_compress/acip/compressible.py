@@ -237,8 +237,10 @@ class CompressibleModel:
         rows = []
         for ratio in ratios:
             plan = self.plan_at(ratio, structure=structure)
+            shapes = self.shapes(plan)
+            factorized = sum(not f.is_dense_at(plan.ranks[name], 0, shapes[name]) for name, f in self.layers.items())
             row = {"size_ratio": ratio, "target_params": self.params_of(plan), **self.removed(plan),
-                   "bytes": self.checkpoint_bytes(plan)}
+                   "factorized_layers": factorized, "bytes": self.checkpoint_bytes(plan)}
             for method in ("int8", "nf4"):
                 rounded = self.plan_at(ratio, width_multiple(method), structure=structure)
                 row[f"bytes_{method}"] = self.checkpoint_bytes(rounded, method)
@@ -246,13 +248,10 @@ class CompressibleModel:
         return rows
 
     def removed(self, plan: Plan) -> dict:
-        """What a plan removes: MLP channels, head groups, singular values below each layer's cap."""
-        shapes = self.shapes(plan)
-        counts = {"mlp_channels": 0, "head_groups": 0, "factorized_layers": 0}
+        """The MLP channels and head groups a plan removes."""
+        counts = {"mlp_channels": 0, "head_groups": 0}
         for name, u in self.units.items():
             counts["mlp_channels" if u.ref.site.kind == "mlp" else "head_groups"] += u.ref.units - plan.kept[name]
-        counts["factorized_layers"] = sum(not f.is_dense_at(plan.ranks[name], 0, shapes[name])
-                                          for name, f in self.layers.items())
         return counts
 
     def uniform_ranks(self, size_ratio: float) -> dict[str, int]:
@@ -369,10 +368,9 @@ class CompressibleModel:
             info["speed_overhead_params"] = overhead
         recorded = ("source_params", "source_bytes", "dataset", "seq_len", "windows")  # for the model card
         carried = {key: self.summary[key] for key in recorded if key in self.summary}
-        removed = {key: n for key, n in self.removed(plan).items() if key != "factorized_layers"}
         mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, shapes={**earlier, **resized},
                         method="acip",
-                        objective=self.config.objective, removed=removed,
+                        objective=self.config.objective, removed=self.removed(plan),
                         source=self.summary.get("source"), size_ratio=round(params / self.dense_params, 6),
                         target_params=params, target_dense_params=self.dense_params, **carried, **info)
         return model.eval()
