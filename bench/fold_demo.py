@@ -1,5 +1,5 @@
-"""Data-free folding on the demo model: k-means folding against magnitude pruning, the variance
-correction, heads, layer schedules (and the per-block sensitivity behind the default one),
+"""Data-free folding on the demo model: k-means folding against magnitude pruning (`prune
+--method magnitude`, also data-free) on the same units, heads, layer schedules (and the per-block sensitivity behind the default one),
 fold-then-ACIP against ACIP alone, and folding time.
 
     python bench/fold_demo.py                      # ~20 min on 2 cores
@@ -10,6 +10,7 @@ Writes OUT/fold_demo.json and OUT/fold_demo.png and prints the Markdown rows for
 
 import argparse
 import copy
+import functools
 import platform
 import sys
 import time
@@ -96,10 +97,11 @@ def main():
     dense_ppl = perplexity(model, heldout)["perplexity"]
     n_blocks = model.config.num_hidden_layers
 
-    def score(**settings) -> tuple[float, float, float]:
-        """(held-out perplexity, size ratio, seconds) of a fold of a fresh copy."""
+    def score(method: str = "kmeans", **settings) -> tuple[float, float, float]:
+        """(held-out perplexity, size ratio, seconds) of a fold (or magnitude prune) of a fresh copy."""
         start = time.perf_counter()
-        folded = hfc.fold(copy.deepcopy(model), show_progress=False, **settings)
+        shrink = hfc.fold if method == "kmeans" else functools.partial(hfc.prune, method=method)
+        folded = shrink(copy.deepcopy(model), show_progress=False, **settings)
         seconds = time.perf_counter() - start
         return perplexity(folded, heldout)["perplexity"], folded.config.hf_compress["size_ratio"], seconds
 
@@ -107,7 +109,6 @@ def main():
     variants = {  # name: settings; the "middle" schedule unless said (bench/shrink_demo.py has "global")
         "magnitude pruning": dict(method="magnitude", **middle),
         "k-means fold": middle,
-        "k-means fold + variance correction": dict(variance_correction=True, **middle),
         "magnitude pruning + heads (2 of 3 KV groups)": dict(method="magnitude", heads_ratio=HEADS, **middle),
         "k-means fold + heads (2 of 3 KV groups)": dict(heads_ratio=HEADS, **middle),
         "magnitude pruning, every block": dict(method="magnitude", layers="all"),

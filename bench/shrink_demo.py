@@ -55,9 +55,6 @@ def methods(n_blocks: int, heads: bool, torque_steps: int) -> dict:
         return dict(layers="middle", ratio=max(0.05, (s * n_blocks - 2 * edge) / middle))
 
     rows = {DEFAULT_FOLD: (hfc.fold, lambda s: dict(layers="global", ratio=s)),
-            "fold, global + variance repair (Fold-AR)": (hfc.fold, lambda s: dict(layers="global", ratio=s,
-                                                                                   variance_correction=True)),
-            "fold, global + dropped misfits": (hfc.fold, lambda s: dict(layers="global", ratio=s, drop_misfits=True)),
             "fold, old schedule (middle blocks)": (hfc.fold, old_schedule),
             "fold, uniform (vanilla)": (hfc.fold, lambda s: dict(layers="all", ratio=s)),
             "magnitude, uniform": (hfc.prune, lambda s: dict(method="magnitude", layers="all", ratio=s)),

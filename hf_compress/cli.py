@@ -365,10 +365,6 @@ def fold_command(
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
     heads_ratio: float = typer.Option(1.0, help=HEADS_HELP),
     layers: str = typer.Option("global", help=LAYERS_HELP),
-    method: str = typer.Option("kmeans", help="'kmeans' (merge clusters) or 'magnitude' (prune, the baseline)."),
-    variance_correction: bool = typer.Option(False, help="Rescale merged units to their members' norm."),
-    drop_misfits: bool = typer.Option(False, help="Drop a unit closer to zero than to its cluster's center "
-                                      "instead of merging it."),
     seed: int = typer.Option(0, help="k-means seed."),
     quantize: Optional[str] = typer.Option(None, help=QUANTIZE_HELP + " Folded widths are rounded to what the kernel packs."),
     quantize_head: bool = typer.Option(False, help=QUANTIZE_HEAD_HELP),
@@ -382,8 +378,7 @@ def fold_command(
     from .fold import FoldConfig, fold
     from .io import check_output
 
-    config = FoldConfig(ratio=ratio, heads_ratio=heads_ratio, layers=_parse_layers(layers, ratio), method=method,
-                        variance_correction=variance_correction, drop_misfits=drop_misfits, seed=seed,
+    config = FoldConfig(ratio=ratio, heads_ratio=heads_ratio, layers=_parse_layers(layers, ratio), seed=seed,
                         quantize=quantize, quantize_head=quantize_head)
     check_output(output, overwrite)
     net, tokenizer = _load(model, device, dtype, trust_remote_code)

@@ -45,7 +45,6 @@ class UnitConfig:
     quantize_head: bool = False
 
     verb = "shrink"  # what the operation is called in errors and records
-    methods = ()  # what `method` (a field of each subclass) accepts
 
     def __post_init__(self):
         ratios = {"ratio": self.ratio, "heads ratio": self.heads_ratio}
@@ -54,8 +53,6 @@ class UnitConfig:
         for name, value in ratios.items():
             if not 0 < value <= 1:
                 raise HfCompressError(f"{name} must be in (0, 1], got {value}")
-        if self.method not in self.methods:
-            raise HfCompressError(f"{self.verb} method must be one of {self.methods}, not '{self.method}'")
         if self.quantize is not None:
             check_method(self.quantize)
         if isinstance(self.layers, str) and self.layers not in SCHEDULES:
@@ -94,7 +91,6 @@ class Site:
     kind: str  # "mlp" or "attention"
     reads: tuple[Segment, ...]  # units own output rows of these (merged by mean)
     writes: tuple[Segment, ...]  # units own input columns of these (merged by sum)
-    repaired: int = 0  # the read a merged unit's rescale applies to: one entering linearly (up, v)
 
 
 def _ing(verb: str) -> str:
@@ -122,11 +118,11 @@ def mlp_site(block: nn.Module, verb: str = "fold") -> Site:
     if _has(mlp, "gate_proj", "up_proj", "down_proj"):  # Llama, Qwen2, Mistral, Gemma
         f = _out(block, "mlp.up_proj")
         return Site("mlp", (Segment("mlp.gate_proj", 0, f, 1), Segment("mlp.up_proj", 0, f, 1)),
-                    (Segment("mlp.down_proj", 0, f, 1),), repaired=1)
+                    (Segment("mlp.down_proj", 0, f, 1),))
     if _has(mlp, "gate_up_proj", "down_proj"):  # Phi3: gate and up fused
         f = _out(block, "mlp.gate_up_proj") // 2
         return Site("mlp", (Segment("mlp.gate_up_proj", 0, f, 1), Segment("mlp.gate_up_proj", f, f, 1)),
-                    (Segment("mlp.down_proj", 0, f, 1),), repaired=1)
+                    (Segment("mlp.down_proj", 0, f, 1),))
     for up, down in UNGATED_MLPS:
         if _exists(block, up) and _exists(block, down):
             f = _out(block, up)
@@ -175,11 +171,10 @@ def attention_site(block: nn.Module, config, verb: str = "fold") -> Site:
         q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
         return Site("attention", (Segment("self_attn.qkv_proj", 0, kv_heads, group),
                                   Segment("self_attn.qkv_proj", q_rows, kv_heads, head_dim),
-                                  Segment("self_attn.qkv_proj", q_rows + kv_rows, kv_heads, head_dim)), output,
-                    repaired=2)
+                                  Segment("self_attn.qkv_proj", q_rows + kv_rows, kv_heads, head_dim)), output)
     return Site("attention", (Segment("self_attn.q_proj", 0, kv_heads, group),
                               Segment("self_attn.k_proj", 0, kv_heads, head_dim),
-                              Segment("self_attn.v_proj", 0, kv_heads, head_dim)), output, repaired=2)
+                              Segment("self_attn.v_proj", 0, kv_heads, head_dim)), output)
 
 
 # --- choosing units, reading them out of weights and writing the survivors back -----------
@@ -192,12 +187,6 @@ class Selection:
         """Label in [0, k) of each unit of block `index`'s `site`, or -1 to drop it. `inputs`
         holds each unit's input-side rows (and row biases) flattened, `outputs` its columns."""
         raise NotImplementedError
-
-    def row_scale(self, rows: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor | float:
-        """What each merged unit's rows (and bias) in the site's `repaired` read are multiplied by,
-        given the units' rows there: one read only, since scaling q and k (or gate and up) together
-        would scale their product twice."""
-        return 1.0
 
 
 class TopK(Selection):
@@ -291,7 +280,6 @@ def shrink_site(block: nn.Module, index: int, site: Site, ratio: float, selectio
     labels = selection.labels(index, site, inputs, outputs, k)
     kept = labels >= 0
     weights = output_weights(outputs[kept]).clamp_min(1e-12)  # a unit kept alone stays itself
-    scale = selection.row_scale(reads[site.repaired][0], labels, k)
 
     def mean(x):
         return weighted_means(x[kept], labels[kept], weights, k)
@@ -300,10 +288,9 @@ def shrink_site(block: nn.Module, index: int, site: Site, ratio: float, selectio
         return torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels[kept], x[kept])
 
     pieces: dict[str, list] = {}
-    for i, (seg, (weight, bias)) in enumerate(zip(site.reads, reads)):
-        factor = scale if i == site.repaired else 1.0
-        rows = (mean(weight) * factor).reshape(k * seg.per_unit, -1)
-        bias = None if bias is None else (mean(bias) * factor).flatten()
+    for seg, (weight, bias) in zip(site.reads, reads):
+        rows = mean(weight).reshape(k * seg.per_unit, -1)
+        bias = None if bias is None else mean(bias).flatten()
         pieces.setdefault(seg.module, []).append((seg.start, rows, bias))
     for path, parts in pieces.items():
         module = block.get_submodule(path)

@@ -128,51 +128,6 @@ def test_a_cluster_merges_rows_by_output_weighted_mean_and_sums_columns():
     torch.testing.assert_close(dense_weight(block.mlp.down_proj)[:, 0], down.sum(1))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "attention"])
-def test_variance_repair_rescales_one_read_only(kind):
-    """Fold-AR's rescale goes to up (not gate) and v (not q and k): scaling both factors of a
-    product would scale it twice."""
-    def folded(correct):
-        model = tiny_model("llama")
-        torch.manual_seed(0)
-        block = model.model.layers[0]
-        site = mlp_site(block) if kind == "mlp" else attention_site(block, model.config)
-        fold_site(block, site, 0.5, FoldConfig(variance_correction=correct))
-        return [dense_weight(block.get_submodule(seg.module)) for seg in site.reads], site.repaired
-
-    plain, repaired = folded(False)
-    corrected, _ = folded(True)
-    for i, (a, b) in enumerate(zip(plain, corrected)):
-        if i == repaired:
-            assert (b.norm(dim=1) > a.norm(dim=1) * 1.01).any() and (b.norm(dim=1) >= a.norm(dim=1) - 1e-6).all()
-        else:
-            torch.testing.assert_close(a, b)
-
-
-def test_a_misfit_is_dropped_rather_than_merged():
-    from hf_compress.fold.model import drop_misfits
-
-    inputs = torch.tensor([[1.0, 0.0], [1.1, 0.0], [0.0, 0.1], [0.0, -3.0]])
-    labels = torch.tensor([0, 0, 0, 1])  # unit 2 sits near zero, far from the center of 0 and 1
-    weights = torch.tensor([2.0, 1.0, 1.0, 0.5])
-    assert drop_misfits(inputs, labels, weights, 2).tolist() == [0, 0, -1, 1]  # unit 3 is alone: stays
-    model = tiny_model("llama")
-    fold(model, ratio=0.5, layers="all", drop_misfits=True, show_progress=False)
-    assert model.config.intermediate_size == 48  # still k units a block
-
-
-def test_magnitude_keeps_the_largest_channels():
-    model = tiny_model("llama")
-    block = model.model.layers[0]
-    site = mlp_site(block)
-    norms = torch.cat([dense_weight(block.mlp.gate_proj), dense_weight(block.mlp.up_proj),
-                       dense_weight(block.mlp.down_proj).t()], dim=1).norm(dim=1)
-    keep = norms.topk(48).indices.sort().values
-    expected = dense_weight(block.mlp.up_proj)[keep].clone()
-    fold_site(block, site, 0.5, FoldConfig(method="magnitude"))
-    torch.testing.assert_close(dense_weight(block.mlp.up_proj), expected)
-
-
 def test_kmeans_is_deterministic_and_fills_every_cluster():
     points = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
     labels = kmeans(points, 250, seed=3)
@@ -193,7 +148,7 @@ def test_acip_on_a_folded_model(layers, tmp_path):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(ratio=0), "ratio must be in"), (dict(heads_ratio=1.5), "heads ratio must be in"),
-    (dict(method="ward"), "fold method"), (dict(layers=[5]), "block indices"),
+    (dict(layers=[5]), "block indices"),
     (dict(layers="edges"), "fold layers must be one of"), (dict(layers={0: 1.5}), "ratio of block 0"),
 ])
 def test_bad_fold_settings(kwargs, message):

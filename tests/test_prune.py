@@ -11,7 +11,7 @@ from hf_compress import HfCompressError, PruneConfig, prune
 from hf_compress.models import decoder_blocks, dense_weight
 from hf_compress.prune.model import activation_scores
 from hf_compress.prune.torque import UnitGroup, torque_scores
-from hf_compress.units import sites
+from hf_compress.units import Magnitude, mlp_site, shrink_site, sites
 
 
 @torch.no_grad()
@@ -26,6 +26,18 @@ def silence_channel(model, channel: int, boost: float = 10.0):
 
 def kept_rows(model) -> torch.Tensor:
     return dense_weight(model.model.layers[0].mlp.up_proj)
+
+
+def test_magnitude_keeps_the_largest_channels():
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    site = mlp_site(block)
+    norms = torch.cat([dense_weight(block.mlp.gate_proj), dense_weight(block.mlp.up_proj),
+                       dense_weight(block.mlp.down_proj).t()], dim=1).norm(dim=1)
+    keep = norms.topk(48).indices.sort().values
+    expected = dense_weight(block.mlp.up_proj)[keep].clone()
+    shrink_site(block, 0, site, 0.5, Magnitude())
+    torch.testing.assert_close(dense_weight(block.mlp.up_proj), expected)
 
 
 def test_activation_drops_what_never_reaches_the_output_and_magnitude_keeps_it():

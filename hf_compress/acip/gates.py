@@ -48,13 +48,12 @@ class SiteRef:
     def to_json(self) -> dict:
         segment = lambda s: [s.module, s.start, s.units, s.per_unit]  # noqa: E731
         return {"prefix": self.prefix, "kind": self.site.kind, "reads": [segment(s) for s in self.site.reads],
-                "writes": [segment(s) for s in self.site.writes], "repaired": self.site.repaired}
+                "writes": [segment(s) for s in self.site.writes]}
 
     @classmethod
     def from_json(cls, data: dict) -> SiteRef:
         segments = lambda items: tuple(Segment(*item) for item in items)  # noqa: E731
-        return cls(data["prefix"], Site(data["kind"], segments(data["reads"]), segments(data["writes"]),
-                                        data["repaired"]))
+        return cls(data["prefix"], Site(data["kind"], segments(data["reads"]), segments(data["writes"])))
 
 
 def unit_sites(model: nn.Module, units: str, targets: dict[str, LayerShape]) -> list[SiteRef]:

@@ -34,6 +34,8 @@ class PruneConfig(UnitConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.method not in self.methods:
+            raise HfCompressError(f"prune method must be one of {self.methods}, not '{self.method}'")
         if self.max_steps < 1 or self.save_every < 1 or self.strength < 0 or self.lr < 0:
             raise HfCompressError("prune needs max_steps and save_every of at least 1, and strength and lr of at "
                                   "least 0")
