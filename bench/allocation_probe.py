@@ -19,7 +19,7 @@ from hf_compress.allocate import PROBE_LENGTH, PROBE_WINDOWS, SiteCost, block_in
 from hf_compress.evaluate import perplexity, versions
 from hf_compress.fold.config import FoldConfig
 from hf_compress.fold.model import selection
-from hf_compress.models import decoder_blocks
+from hf_compress.layers import decoder_blocks
 from hf_compress.units import kept_units, mlp_site, shrink_site
 
 HERE = Path(__file__).parent

@@ -27,7 +27,7 @@ import hf_compress as hfc
 from hf_compress.acip.train import svd_compressible
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.evaluate import perplexity, versions
-from hf_compress.models import find_targets
+from hf_compress.layers import find_targets
 
 from _report import save_and_print
 

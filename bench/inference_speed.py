@@ -26,7 +26,7 @@ from torch import nn
 
 import hf_compress as hfc
 from hf_compress.evaluate import perplexity
-from hf_compress.models import tensor_bytes
+from hf_compress.layers import tensor_bytes
 
 from _report import save_and_print
 

@@ -23,7 +23,7 @@ import torch
 
 import hf_compress as hfc
 from hf_compress.evaluate import perplexity, versions
-from hf_compress.models import tensor_bytes
+from hf_compress.layers import tensor_bytes
 
 from _report import save_and_print
 

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import hf_compress as hfc  # noqa: E402
-from hf_compress.checkpoint import empty_model  # noqa: E402
+from hf_compress.formats import empty_model  # noqa: E402
 from hf_compress.plan import meta_model, plan_memory  # noqa: E402
 
 SHAPES = {  # the published configs' shapes

@@ -35,7 +35,8 @@ import torch
 import hf_compress as hfc
 from hf_compress.acip.train import svd_compressible
 from hf_compress.evaluate import perplexity, versions
-from hf_compress.models import decoder_blocks, size_report
+from hf_compress.formats import size_report
+from hf_compress.layers import decoder_blocks
 from hf_compress.units import mlp_site
 
 from _report import save_and_print

@@ -4,7 +4,7 @@ from .acip import AcipConfig, CompressibleModel, acip
 from .data import calibration_data
 from .errors import HfCompressError
 from .fold import FoldConfig, fold
-from .models import load_model
+from .loading import load_model
 from .prune import PruneConfig, prune
 from .quantize import quantize
 

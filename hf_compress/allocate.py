@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import decoder_blocks, require_dense
+from .layers import decoder_blocks, require_dense
 from .quantize import width_multiple
 from .units import Selection, Site, UnitConfig, check_head_counts, kept_units, shrink_site, sites
 

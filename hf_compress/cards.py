@@ -10,9 +10,12 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from transformers import AutoConfig, PretrainedConfig
+
 from .errors import HfCompressError
 from .evaluate import RESULTS_FILE, results_table
-from .models import BUNDLED, read_json
+from .formats import FACTORS_FILE, META_FILE, empty_model, quantization_of
+from .loading import BUNDLED, read_json
 
 CARD_FILE = "README.md"
 # Tells the tool's own cards (regenerated when it knows more) from a README.md the user wrote.
@@ -26,8 +29,6 @@ METHODS = {"acip": "ACIP (singular values and MLP channels of its Linear layers 
 
 def describe(path: str | Path) -> dict:
     """What a directory written by hf-compress records; any other directory is refused."""
-    from .acip.compressible import FACTORS_FILE, META_FILE
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise HfCompressError(f"{path} is not a model directory (no config.json)")
@@ -145,11 +146,6 @@ def _checkpoint_facts(path: Path) -> tuple[int | None, dict | None]:
     """Parameters of the checkpoint's model (quantized weights counted unpacked), built on the meta
     device from its config, and its quantization. A model that runs its own code is not run to
     describe it: its parameters are left out."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    from .checkpoint import empty_model
-    from .quantize import quantization_of
-
     try:
         config = AutoConfig.from_pretrained(path)
         return sum(p.numel() for p in empty_model(config).parameters()), quantization_of(config)

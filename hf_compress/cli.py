@@ -103,7 +103,7 @@ def compress(
     from .acip.train import clear_progress, fsdp_requested
     from .data import calibration_data
     from .io import check_output
-    from .models import load_model, process_state, resolve_device, resolve_dtype
+    from .loading import load_model, process_state, resolve_device, resolve_dtype
 
     if dry_run:
         return _print_plan(model, device, dtype, trust_remote_code, batch_size=batch_size, seq_len=seq_len,
@@ -164,7 +164,7 @@ def plan_command(
 ):
     """Predict the peak memory of `compress` (and `materialize`) per process, from the config
     alone, and say whether it fits the device."""
-    from .models import parse_size
+    from .loading import parse_size
 
     _print_plan(model, device, dtype, trust_remote_code, memory=parse_size(memory) if memory else None,
                 batch_size=batch_size, seq_len=seq_len, num_processes=num_processes, fsdp=fsdp,
@@ -175,7 +175,7 @@ def _print_plan(model: str, device: str | None, dtype: str | None, trust_remote_
                 **settings) -> None:
     import torch
 
-    from .models import resolve_device, resolve_dtype
+    from .loading import resolve_device, resolve_dtype
     from .plan import device_capacity, meta_model, plan_memory
 
     if settings["batch_size"] % settings["num_processes"]:
@@ -234,7 +234,7 @@ def materialize(
     from .acip import CompressibleModel
     from .checkpoint import save_checkpoint
     from .io import check_output
-    from .models import parse_size
+    from .loading import parse_size
 
     if sum(x is not None for x in (size_ratio, max_size, max_loss_increase)) != 1:
         raise HfCompressError("give exactly one of --size-ratio, --max-size and --max-loss-increase")
@@ -299,7 +299,7 @@ def _check_quantize(method: str | None) -> None:
 
 
 def _load(model: str, device: str | None, dtype: str | None, trust_remote_code: bool):
-    from .models import load_model, resolve_device, resolve_dtype
+    from .loading import load_model, resolve_device, resolve_dtype
 
     where = resolve_device(device)
     return load_model(model, resolve_dtype(dtype, where), where, trust_remote_code)
@@ -326,7 +326,7 @@ def _ratio_within_loss(compressible, max_increase: float, dataset: str, seq_len:
 
 
 def _on_device(compressible, device: str | None, dtype: str | None):
-    from .models import resolve_device, resolve_dtype
+    from .loading import resolve_device, resolve_dtype
 
     where = resolve_device(device)
     wanted = resolve_dtype(dtype, where)
@@ -334,13 +334,13 @@ def _on_device(compressible, device: str | None, dtype: str | None):
 
 
 def _mib(model) -> str:
-    from .models import tensor_bytes
+    from .layers import tensor_bytes
 
     return f"{tensor_bytes(model) / 2**20:.1f} MiB"
 
 
 def _quantized_note(model) -> str:
-    from .quantize import quantization_of
+    from .formats import quantization_of
 
     quantization = quantization_of(model.config)
     if quantization is None:
@@ -424,7 +424,7 @@ def prune_command(
     from .checkpoint import save_checkpoint
     from .data import calibration_data
     from .io import check_output
-    from .models import process_state
+    from .loading import process_state
     from .prune import PruneConfig, prune
 
     config = PruneConfig(ratio=ratio, heads_ratio=heads_ratio, layers=_parse_layers(layers, ratio), method=method,
@@ -482,7 +482,7 @@ def info(
     trust_remote_code: bool = _trust_option(),
 ):
     """Per-layer ranks, parameters and bytes of a model or a compressible directory."""
-    from .acip.compressible import META_FILE
+    from .formats import META_FILE
 
     if (Path(path) / META_FILE).is_file():
         report = _compressible_report(Path(path), trust_remote_code)
@@ -524,10 +524,10 @@ def evaluate_command(
 ):
     """Perplexity and lm-eval tasks of a model, or of many sizes from one compressible directory."""
     from . import evaluate as ev
-    from .acip.compressible import META_FILE
+    from .formats import META_FILE
     from .cards import update_card
     from .data import builtin_corpus, calibration_data
-    from .models import resolve_device
+    from .loading import resolve_device
 
     task_list = [t for t in (tasks or "").split(",") if t]
     if no_perplexity and not task_list:
@@ -649,7 +649,8 @@ def _compressible_report(path: Path, trust_remote_code: bool) -> dict:
 
 
 def _checkpoint_report(path: str, trust_remote_code: bool) -> dict:
-    from .models import load_model, size_report
+    from .formats import size_report
+    from .loading import load_model
 
     report = size_report(load_model(path, trust_remote_code=trust_remote_code)[0])
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []

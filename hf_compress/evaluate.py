@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .data import builtin_text
 from .errors import HfCompressError
-from .models import cache_dir, size_report
+from .formats import size_report
+from .loading import cache_dir
 
 BUILTIN_TASK = "pydoc_cloze"
 RESULTS_FILE = "eval_results.json"

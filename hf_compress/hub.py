@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .cards import CARD_FILE, HUB_ID, describe, is_generated, model_card
 from .errors import HfCompressError
-from .models import first_line
+from .loading import first_line
 
 
 def _check_repo_id(repo_id: str) -> None:

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import LayerShape, decoder_blocks, find_targets, layer_shape
+from .formats import empty_model
+from .layers import LayerShape, decoder_blocks, find_targets, layer_shape
+from .loading import load_config
 
 # A layer that writes a block's residual output reads an input of its own; the others read
 # the input they share with their siblings (q/k/v, gate/up).
@@ -170,7 +172,4 @@ def device_capacity(device: torch.device) -> int | None:
 
 def meta_model(source: str, trust_remote_code: bool = False):
     """The model `source` names on the meta device: every shape from its config, no weights read."""
-    from .checkpoint import empty_model
-    from .models import load_config
-
     return empty_model(load_config(source, trust_remote_code), trust_remote_code)

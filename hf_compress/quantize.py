@@ -24,7 +24,8 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .errors import HfCompressError
-from .models import layer_shape
+from .formats import mark_compressed, source_of, source_sizes
+from .layers import layer_shape
 
 METHODS = ("nf4", "fp4", "int8")
 FOUR_BIT_BLOCK = 64  # values per absmax scale, and the input block of the CPU kernel
@@ -96,8 +97,6 @@ def quantize(model: PreTrainedModel, method: str = "nf4", quantize_head: bool = 
     Embeddings and the output head keep their dtype (`quantize_head=True` quantizes an untied
     head too). The copy saves with its `quantization_config` and reloads with plain transformers.
     """
-    from .checkpoint import mark_compressed, source_of, source_sizes
-
     check_method(method)
     if getattr(model.config, "quantization_config", None) is not None:
         raise HfCompressError("the model is already quantized")
@@ -116,13 +115,3 @@ def quantize(model: PreTrainedModel, method: str = "nf4", quantize_head: bool = 
     mark_compressed(quantized, ranks=info.get("ranks"), shapes=info.get("shapes"), source=source_of(model),
                     method=info.get("method", "bitsandbytes"), **source_sizes(model))
     return quantized.eval()
-
-
-def quantization_of(config) -> dict | None:
-    """{'method': nf4 | fp4 | int8, 'unquantized': [...]} from a model config, or None."""
-    q = getattr(config, "quantization_config", None)
-    if q is None:
-        return None
-    q = q if isinstance(q, dict) else q.to_dict()
-    method = "int8" if q.get("load_in_8bit") else q.get("bnb_4bit_quant_type", "fp4")
-    return {"method": method, "unquantized": sorted(q.get("llm_int8_skip_modules") or [])}

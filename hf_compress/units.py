@@ -19,10 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .checkpoint import mark_compressed, source_sizes
+from .formats import mark_compressed, source_sizes
 from .errors import HfCompressError
 from .modeling_hf_compress import layer_like, replace_layer_
-from .models import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight
+from .layers import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight
 from .quantize import check_method, quantize, width_multiple
 
 SCHEDULES = ("global", "middle", "all")

@@ -8,7 +8,7 @@ from conftest import run_cli
 
 from hf_compress.errors import HfCompressError
 from hf_compress.io import umask
-from hf_compress.models import BUNDLED, assemble, bundled, load_config
+from hf_compress.loading import BUNDLED, assemble, bundled, load_config
 
 
 def _chunks(tmp_path):

@@ -14,7 +14,7 @@ from conftest import run_cli, tiny_data, tiny_model
 from hf_compress import CompressibleModel, acip, fold
 from hf_compress.cards import CARD_FILE, MARKER, write_card
 from hf_compress.checkpoint import save_checkpoint
-from hf_compress.models import BUNDLED, DEMO, load_model
+from hf_compress.loading import BUNDLED, DEMO, load_model
 
 ROOT = Path(__file__).parent.parent
 

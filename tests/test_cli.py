@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli, tiny_data, tiny_model
 from hf_compress import acip
-from hf_compress.acip.compressible import FACTORS_FILE
+from hf_compress.formats import FACTORS_FILE
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 
 from conftest import run_cli, tiny_data, tiny_model
 from hf_compress import HfCompressError, acip, fold, load_model
-from hf_compress.acip.compressible import FACTORS_FILE
+from hf_compress.formats import FACTORS_FILE
 from hf_compress.cards import MARKER, model_card
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.hub import push

@@ -11,8 +11,10 @@ import torch
 from conftest import ARCHS, tiny_data, tiny_model
 from hf_compress import CompressibleModel, acip, load_model
 from hf_compress.acip.gates import unit_cost
-from hf_compress.checkpoint import MODELING_FILE, save_checkpoint
-from hf_compress.models import dense_weight, size_report
+from hf_compress.checkpoint import save_checkpoint
+from hf_compress.formats import MODELING_FILE
+from hf_compress.formats import size_report
+from hf_compress.layers import dense_weight
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -2,7 +2,7 @@
 
 import pytest
 from conftest import CONFIGS, run_cli, tiny_model
-from hf_compress.checkpoint import empty_model
+from hf_compress.formats import empty_model
 from hf_compress.plan import meta_model, plan_memory
 
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ARCHS, run_cli, tiny_data, tiny_model
 from hf_compress import HfCompressError, PruneConfig, prune
-from hf_compress.models import decoder_blocks, dense_weight
+from hf_compress.layers import decoder_blocks, dense_weight
 from hf_compress.prune.model import activation_scores
 from hf_compress.prune.torque import UnitGroup, torque_scores
 from hf_compress.units import Magnitude, mlp_site, shrink_site, sites

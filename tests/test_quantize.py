@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import tiny_data, tiny_model
 from hf_compress import HfCompressError, acip, fold, load_model, quantize
 from hf_compress.checkpoint import save_checkpoint
-from hf_compress.models import size_report, tensor_bytes
+from hf_compress.formats import size_report
+from hf_compress.layers import tensor_bytes
 from hf_compress.quantize import QUANT_STATE_BYTES, width_multiple
 
 METHODS = ["nf4", "fp4", "int8"]

@@ -10,7 +10,7 @@ from hf_compress import AcipConfig, HfCompressError
 from hf_compress.acip.layer import SVDLinear
 from hf_compress.acip.train import inject, svd_form
 from hf_compress.acip.whitening import block_covariances
-from hf_compress.models import find_targets
+from hf_compress.layers import find_targets
 
 
 def relative_error(a, b):

@@ -9,7 +9,8 @@ import torch
 from conftest import run_cli, tiny_data, tiny_model
 from hf_compress import AcipConfig, CompressibleModel, HfCompressError, acip
 from hf_compress.acip.compensate import compensate
-from hf_compress.models import dense_weight, size_report
+from hf_compress.formats import size_report
+from hf_compress.layers import dense_weight
 
 
 @pytest.fixture(scope="module", params=["llama", "phi3"])

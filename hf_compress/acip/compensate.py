@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import decoder_blocks, dense_weight, set_dense_weight
+from ..layers import decoder_blocks, dense_weight, set_dense_weight
 from ..modeling_hf_compress import FactorizedLinear
 from .whitening import block_output, record_block_calls
 

@@ -27,10 +27,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..cards import write_card
-from ..checkpoint import mark_compressed, model_class_for
+from ..evaluate import perplexity
+from ..formats import FACTORS_FILE, META_FILE, mark_compressed, model_class_for
 from ..errors import HfCompressError
 from ..io import atomic_dir
-from ..models import LayerShape, decoder_blocks, dense_weight, load_config, read_json, set_dense_weight, tensor_bytes
+from ..layers import LayerShape, decoder_blocks, dense_weight, set_dense_weight, tensor_bytes
+from ..loading import load_config, read_json
 from ..quantize import linear_bytes, quantize as quantize_model, width_multiple
 from ..speed import call_overhead_params
 from ..modeling_hf_compress import factorize_
@@ -39,8 +41,6 @@ from .compensate import compensate as compensate_layers
 from .config import AcipConfig
 from .gates import SiteRef, widths
 
-FACTORS_FILE = "acip.safetensors"
-META_FILE = "acip.json"
 FORMAT_VERSION = 1
 FACTOR_KEYS = ("u", "s", "vt", "score")
 WINDOWS_KEY = "calibration.windows"
@@ -303,8 +303,6 @@ class CompressibleModel:
         (arXiv 2505.17469). Binary search over materializations in memory (loss grows as the size
         shrinks); `report(ratio, loss, fits)` sees each try; `options` go to
         `materialize`. Returns the ratio and the search."""
-        from ..evaluate import perplexity
-
         if not 0 < max_increase < 10:
             raise HfCompressError(f"the loss increase must be in (0, 10), got {max_increase}")
         dense = perplexity(self.base_model, windows)["loss"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import HfCompressError
-from ..models import LayerShape, decoder_blocks
+from ..layers import LayerShape, decoder_blocks
 from ..units import HEAD_COUNTS, Segment, Site, attention_site, mlp_site
 from .layer import Ranked
 

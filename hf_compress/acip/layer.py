@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..models import LayerShape, dense_weight, layer_shape
+from ..layers import LayerShape, dense_weight, layer_shape
 
 
 def svd_factors(weight: torch.Tensor, cholesky: torch.Tensor | None = None):

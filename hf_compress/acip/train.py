@@ -30,10 +30,10 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import source_of, source_sizes
+from ..formats import source_of, source_sizes
 from ..errors import HfCompressError
 from ..io import atomic_save
-from ..models import LayerShape, decoder_blocks, expert_params, find_targets, require_dense
+from ..layers import LayerShape, decoder_blocks, expert_params, find_targets, require_dense
 from .compressible import CompressibleModel, LayerFactors, UnitScores
 from .config import AcipConfig
 from .gates import UnitGate, attach_gates, unit_sites, widths

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import HfCompressError
-from ..models import decoder_blocks, layer_shape
+from ..layers import decoder_blocks, layer_shape
 
 
 def _split_hidden(args: tuple, kwargs: dict):

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import HfCompressError
-from ..models import decoder_blocks, dense_weight, require_dense
+from ..layers import decoder_blocks, dense_weight, require_dense
 from ..allocate import PROBE_LENGTH, PROBE_WINDOWS, planned_sites, random_windows
 from ..units import Magnitude, Site, TopK, shrink, sites
 from .config import PruneConfig

@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from ..acip.train import cycle_batches, checkpointed_blocks, fsdp_requested, shuffled
 from ..errors import HfCompressError
 from ..io import atomic_save
-from ..models import decoder_blocks
+from ..layers import decoder_blocks
 from ..quantize import width_multiple
 from ..units import Segment, Site, kept_units
 from .config import PruneConfig
