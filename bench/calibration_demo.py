@@ -21,8 +21,7 @@ import torch
 import hf_compress as hfc
 from hf_compress.evaluate import perplexity, versions
 
-from _report import save_and_print
-from objectives_demo import run_pass
+from common import run_pass, save_and_print
 
 HERE = Path(__file__).parent
 

@@ -29,7 +29,7 @@ from hf_compress.checkpoint import save_checkpoint
 from hf_compress.evaluate import perplexity, versions
 from hf_compress.layers import find_targets
 
-from _report import save_and_print
+from common import save_and_print
 
 HERE = Path(__file__).parent
 

@@ -18,7 +18,7 @@ import torch
 import hf_compress as hfc
 from hf_compress.evaluate import perplexity, versions
 
-from _report import save_and_print
+from common import save_and_print
 
 HERE = Path(__file__).parent
 train = importlib.import_module("hf_compress.acip.train")  # the package re-exports a function named acip

@@ -25,7 +25,7 @@ from hf_compress.fold.config import FoldConfig
 from hf_compress.fold.model import fold_site
 from hf_compress.units import mlp_site
 
-from _report import save_and_print
+from common import save_and_print
 
 HERE = Path(__file__).parent
 HEADS = 2 / 3  # 2 of the demo's 3 key/value head groups

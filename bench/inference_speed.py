@@ -28,7 +28,7 @@ import hf_compress as hfc
 from hf_compress.evaluate import perplexity
 from hf_compress.layers import tensor_bytes
 
-from _report import save_and_print
+from common import save_and_print
 
 PROMPT = torch.randint(100, 1000, (8, 512), generator=torch.Generator().manual_seed(0))
 

@@ -6,7 +6,7 @@ SVD with the per-layer ranks the default pass allocates (so the allocation is me
 the values it keeps); every objective with its shipped defaults, without and with LoRA; the
 default and `acip` over --seeds seeds (mean and spread); and one README-size pass of the default
 (--readme-steps). Every pass has the same calibration windows and budget. Perplexity windows
-(512 tokens, bench/quantize_demo.py): test = the first --test-windows of the pydoc test split,
+(512 tokens, bench/common.py): test = the first --test-windows of the pydoc test split,
 validation = the last --val-windows of its validation split (the default objective is chosen on
 these), out-of-domain = --ood-windows of the news corpus (in no calibration set). Pass time is
 relative to the default pass of seed 0. Writes OUT/objectives_demo.json, prints the Markdown.
@@ -20,7 +20,6 @@ relative to the default pass of seed 0. Writes OUT/objectives_demo.json, prints 
 import argparse
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -30,27 +29,10 @@ from hf_compress.acip.config import OBJECTIVES
 from hf_compress.acip.train import svd_compressible
 from hf_compress.evaluate import perplexity, versions
 
-from _report import save_and_print
-from quantize_demo import perplexity_splits
+from common import measure, perplexity_splits, run_pass, save_and_print
 
 HERE = Path(__file__).parent
 DEFAULT = hfc.AcipConfig().objective
-
-
-def measure(build, ratios, splits) -> dict:
-    """Perplexity of build(ratio) on every split, at every ratio."""
-    return {str(r): {name: round(perplexity(build(r), windows)["perplexity"], 3) for name, windows in splits.items()}
-            for r in ratios}
-
-
-def run_pass(source, data, ratios, splits, **settings) -> tuple[dict, hfc.CompressibleModel]:
-    model, _ = hfc.load_model(source)
-    start = time.perf_counter()
-    cm = hfc.acip(model, data, stop_ratio=0.4, batch_size=4, show_progress=False, **settings)
-    record = {"pass_seconds": round(time.perf_counter() - start, 1), "steps": cm.summary["steps"],
-              "final_ratio": round(cm.summary["final_ratio"], 4), "sizes": measure(cm.materialize, ratios, splits)}
-    print(settings, record, flush=True)
-    return record, cm
 
 
 def spread(records: list[dict], ratio: str, split: str) -> str:

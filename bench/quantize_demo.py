@@ -25,21 +25,9 @@ import hf_compress as hfc
 from hf_compress.evaluate import perplexity, versions
 from hf_compress.layers import tensor_bytes
 
-from _report import save_and_print
+from common import perplexity_splits, save_and_print
 
 HERE = Path(__file__).parent
-
-
-def perplexity_splits(tokenizer, test: int, validation: int, out_of_domain: int) -> dict:
-    """512-token windows: test = the first `test` of the pydoc test split, validation = the
-    last `validation` of its validation split, out-of-domain = the first `out_of_domain` of the
-    news corpus' test split (news is in no builtin calibration set). Pydoc, not `builtin`, so
-    that figures stay comparable across changes of the default corpus."""
-    return {"test": hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=512, split="test")[:test],
-            "validation": hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=512,
-                                               split="validation")[-validation:],
-            "out-of-domain": hfc.calibration_data(tokenizer, "builtin:news", seq_len=512, split="test",
-                                                  max_windows=out_of_domain)}
 
 
 def compressible(args, tokenizer):

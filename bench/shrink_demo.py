@@ -12,7 +12,7 @@ rounds to whole groups). Where the default fold ran: magnitude pruning to the ve
 fold chose in each block (MLP only), which tells its merges from its allocation; and the default
 ACIP pass materialized at the size that fold reached (targeted-layer parameters), so a reader
 sees what loading without remote code costs.
-Perplexity windows of 512 tokens (bench/quantize_demo.py): test and validation splits of
+Perplexity windows of 512 tokens (bench/common.py): test and validation splits of
 pydoc, the news corpus as out-of-domain text; calibration (activation, torque, ACIP) is pydoc too.
 Writes OUT/shrink_demo[_MODEL][_heads][_TAG].json.
 
@@ -34,8 +34,7 @@ from hf_compress.formats import size_report
 from hf_compress.layers import decoder_blocks
 from hf_compress.units import mlp_site
 
-from _report import save_and_print
-from quantize_demo import perplexity_splits
+from common import perplexity_splits, save_and_print
 
 HERE = Path(__file__).parent
 DEFAULT_FOLD = "fold, global allocation (default)"  # the row the ACIP and same-widths rows follow

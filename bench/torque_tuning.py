@@ -19,7 +19,7 @@ import torch
 import hf_compress as hfc
 from hf_compress.evaluate import perplexity, versions
 
-from _report import save_and_print
+from common import save_and_print
 
 HERE = Path(__file__).parent
 

@@ -39,7 +39,7 @@ from hf_compress.formats import size_report
 from hf_compress.layers import decoder_blocks
 from hf_compress.units import mlp_site
 
-from _report import save_and_print
+from common import save_and_print
 
 HERE = Path(__file__).parent
 DOMAINS = ("pydoc", "wiki", "news")
