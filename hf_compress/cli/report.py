@@ -1,0 +1,241 @@
+"""`info`, `eval` and `push`: what a directory holds, how good it is, and the Hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import HfCompressError
+from .app import app, check_quantize, check_ratio, console, load, load_compressible, ratio_within_loss
+from .options import (MODEL_HELP, BatchSize, Compensate, Dataset, DatasetConfig, DatasetSplit, Device, DryRun, Dtype,
+                      MaxLossIncrease, Quantize, SeqLen, SpeedAware, Structure, TextColumn, TrustRemoteCode)
+
+
+@app.command()
+def info(
+    path: Annotated[str, typer.Argument(help=f"A compressible directory or a model ({MODEL_HELP})")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Per-layer ranks, parameters and bytes of a model or a compressible directory."""
+    from ..formats import META_FILE
+
+    if (Path(path) / META_FILE).is_file():
+        report = compressible_report(Path(path), trust_remote_code)
+    else:
+        report = checkpoint_report(path, trust_remote_code)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+
+
+@app.command("eval")
+def evaluate_command(
+    path: Annotated[str, typer.Argument(help=f"A compressible directory, a materialized checkpoint, or a model "
+                                             f"({MODEL_HELP})")],
+    size_ratios: Annotated[str, typer.Option(
+        help="Sizes to evaluate from a compressible directory, or 'auto': the smallest within "
+             "--max-loss-increase.")] = "0.4,0.6,0.8,1.0",
+    max_loss_increase: MaxLossIncrease = 0.02,
+    dataset: Dataset = "builtin",
+    dataset_config: DatasetConfig = None,
+    dataset_split: DatasetSplit = "test",
+    text_column: TextColumn = "text",
+    seq_len: SeqLen = 512,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows (default: "
+                                                            "all).")] = None,
+    no_perplexity: Annotated[bool, typer.Option(help="Skip perplexity (tasks only).")] = False,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated lm-eval tasks, e.g. pydoc_cloze "
+                                                      "(offline, built in).")] = None,
+    include_path: Annotated[Optional[str], typer.Option(help="Folder of local lm-eval task YAMLs.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="lm-eval: at most this many documents per task.")] = None,
+    batch_size: BatchSize = None,
+    quantize: Quantize = None,
+    speed_aware: SpeedAware = False,
+    structure: Structure = "mixed",
+    compensate: Compensate = True,
+    device: Device = None,
+    dtype: Dtype = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write results (with protocol and versions) to this JSON "
+                                                        "file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write the size/quality curve to this PNG.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Perplexity and lm-eval tasks of a model, or of many sizes from one compressible directory."""
+    from .. import evaluate as ev
+    from ..cards import update_card
+    from ..data import builtin_corpus, calibration_data
+    from ..formats import META_FILE
+    from ..loading import resolve_device
+
+    task_list = [t for t in (tasks or "").split(",") if t]
+    if no_perplexity and not task_list:
+        raise HfCompressError("nothing to evaluate: drop --no-perplexity or name --tasks")
+    check_quantize(quantize)
+    batch_size = batch_size or (4 if resolve_device(device).type == "cpu" else 16)
+    if (Path(path) / META_FILE).is_file():
+        compressible = load_compressible(path, device, dtype, trust_remote_code)
+        tokenizer = compressible.tokenizer
+        if size_ratios.strip() == "auto":
+            ratios = [ratio_within_loss(compressible, max_loss_increase, dataset, seq_len, 8, quantize,
+                                        structure=structure, compensate=compensate)[0]]
+        else:
+            ratios = parse_ratios(size_ratios)
+        models = (compressible.materialize(r, quantize=quantize, speed_aware=speed_aware, structure=structure,
+                                           compensate=compensate) for r in ratios)
+    else:
+        if quantize:
+            raise HfCompressError("--quantize applies to sizes from a compressible directory; quantize a "
+                                  "checkpoint with `hf-compress quantize` first")
+        if speed_aware:
+            raise HfCompressError("--speed-aware applies to sizes from a compressible directory; materialize "
+                                  "one with `hf-compress materialize --speed-aware`")
+        net, tokenizer = load(path, device, dtype, trust_remote_code)
+        models = iter([net])
+    windows = None
+    if not no_perplexity:
+        split = "test" if builtin_corpus(dataset) else "calibration"
+        windows = calibration_data(tokenizer, dataset, seq_len=seq_len, split=split, max_windows=max_windows,
+                                   text_column=text_column, dataset_config=dataset_config,
+                                   dataset_split=dataset_split)
+    windows_bytes = None if windows is None else ev.text_bytes(tokenizer, windows)
+    records = []
+    for model in models:
+        record = ev.evaluate(model, tokenizer, windows, task_list, include_path=include_path, limit=limit,
+                             batch_size=batch_size, windows_bytes=windows_bytes)
+        records.append(record)
+        console.print(f"size ratio {record['size_ratio']:.3f}: " + summarize(record), highlight=False)
+    print_records(records)
+    protocol = {
+        "perplexity": None if windows is None else {
+            "dataset": dataset, "split": "test" if builtin_corpus(dataset) else dataset_split,
+            "seq_len": seq_len, "windows": len(windows), "tokens": len(windows) * (seq_len - 1),
+            "method": "non-overlapping windows, token-level mean NLL, exp"},
+        "tasks": task_list, "limit": limit,
+    }
+    result = {"model": str(path), "protocol": protocol, "versions": ev.versions(), "results": records,
+              "model_index": ev.model_index(Path(path).name or str(path), records,
+                                            dataset if windows is not None else "")}
+    targets = [output] if output else []
+    if Path(path).is_dir():  # beside the weights, where the model card and `push` look for it
+        targets.append(Path(path) / ev.RESULTS_FILE)
+    for target in targets:
+        ev.write_json(result, target)
+        console.print(f"[green]wrote[/green] {target}")
+    update_card(path)  # the directory's own card now shows these results
+    if plot:
+        ev.plot_curve(records, plot, title=str(path))
+        console.print(f"[green]wrote[/green] {plot}")
+
+
+@app.command()
+def push(
+    path: Annotated[Path, typer.Argument(help="A checkpoint or compressible directory written by hf-compress.")],
+    repo_id: Annotated[str, typer.Option(help="Hub repository, 'user/name' (created if missing).")],
+    private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
+    dry_run: DryRun = False,
+    token: Annotated[Optional[str], typer.Option(help="Hub token (default: the one `hf auth login` "
+                                                      "stored).")] = None,
+):
+    """Upload a directory to the Hub in one commit, with a model card made from what it records."""
+    from ..hub import push as push_directory
+
+    plan = push_directory(path, repo_id, private=private, dry_run=dry_run, token=token)
+    if dry_run:
+        print(plan["card"])
+    card = "its own README.md" if plan["own_card"] else "a generated model card"
+    where = plan.get("url", f"{repo_id} (dry run, nothing uploaded)")
+    console.print(f"[green]{'would push' if dry_run else 'pushed'}[/green] {len(plan['files'])} files with {card} "
+                  f"to {where}", highlight=False)
+
+
+def parse_ratios(text: str) -> list[float]:
+    try:
+        ratios = sorted({float(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise HfCompressError(f"--size-ratios must be comma-separated numbers, got '{text}'") from None
+    for ratio in ratios:
+        check_ratio(ratio)
+    return ratios
+
+
+def summarize(record: dict) -> str:
+    parts = [f"perplexity {record['perplexity']:.3f}"] if "perplexity" in record else []
+    for task, metrics in record.get("tasks", {}).items():
+        parts += [f"{task} {name} {value:.4f}" for name, value in metrics.items()]
+    return ", ".join(parts)
+
+
+def print_records(records: list[dict]) -> None:
+    from ..evaluate import results_table
+
+    columns, rows = results_table(records)
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
+    Console(soft_wrap=True).print(table)
+
+
+def compressible_report(path: Path, trust_remote_code: bool) -> dict:
+    from ..acip import CompressibleModel
+
+    compressible = CompressibleModel.from_pretrained(path, trust_remote_code)
+    sizes = compressible.sizes((0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+    summary = {k: v for k, v in compressible.summary.items() if k != "history"}
+    return {"compressible": str(path), "config": compressible.config.to_dict(), "summary": summary,
+            "target_dense_params": compressible.dense_params, "sizes": sizes}
+
+
+def checkpoint_report(path: str, trust_remote_code: bool) -> dict:
+    from ..formats import size_report
+    from ..loading import load_model
+
+    report = size_report(load_model(path, trust_remote_code=trust_remote_code)[0])
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    report["file_bytes"] = sum(f.stat().st_size for f in files) or None
+    return report
+
+
+def print_report(report: dict) -> None:
+    out = Console(soft_wrap=True)
+    if "compressible" in report:
+        out.print(f"compressible directory {report['compressible']}: pass {report['summary']}")
+        table = Table("size ratio", "targeted params", "MLP channels removed", "head groups removed",
+                      "factorized layers", "MiB", "MiB int8", "MiB nf4")
+        for row in report["sizes"]:
+            table.add_row(f"{row['size_ratio']:.1f}", f"{row['target_params']:,}", str(row["mlp_channels"]),
+                          str(row["head_groups"]), str(row["factorized_layers"]),
+                          *(f"{row[key] / 2**20:.1f}" for key in ("bytes", "bytes_int8", "bytes_nf4")))
+        out.print(table)
+        out.print("What `materialize` removes at each ratio (the default structure, mixed); MiB: the weights of the "
+                  "checkpoint it writes (with --quantize for the last two columns).")
+        return
+    table = Table("layer", "shape (out x in)", "form", "params")
+    for layer in report["layers"]:
+        form = "dense" if layer["rank"] is None else f"rank {layer['rank']}"
+        table.add_row(layer["name"], f"{layer['out']} x {layer['in']}", form, f"{layer['params']:,}")
+    out.print(table)
+    source = ""
+    if report.get("source_bytes"):
+        source = (f" (source: {report['source_params']:,} parameters, {report['source_bytes'] / 2**20:.1f} MiB; "
+                  f"{report['model_bytes'] / report['source_bytes']:.3f} of its bytes)")
+    files = f", {report['file_bytes'] / 2**20:.1f} MiB of safetensors files" if report.get("file_bytes") else ""
+    out.print(
+        f"{report['architecture']}: targeted {report['target_params']:,} of {report['target_dense_params']:,} "
+        f"parameters (size ratio {report['size_ratio']:.4f}); whole model {report['model_params']:,} "
+        f"parameters, {report['model_bytes'] / 2**20:.1f} MiB of weights{files}{source}"
+    )
+    quantization = report.get("quantization")
+    if quantization:
+        multiple = report.get("width_multiple", 1)
+        rounded = (f"; ranks and folded widths were rounded to multiples of {multiple}, as bitsandbytes' 4-bit "
+                   "CPU kernel needs") if multiple > 1 else ""
+        kept = quantization["unquantized"]
+        names = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+        out.print(f"quantized with bitsandbytes {quantization['method']}; left in float: {names or 'nothing'}{rounded}")
