@@ -10,23 +10,18 @@ for good; the order of death is the score map.
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import math
-import shutil
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
-from accelerate.utils import parse_flag_from_env
+from accelerate import Accelerator, DataLoaderConfiguration
 from torch import nn
 from torch.nn import functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
@@ -34,6 +29,8 @@ from ..formats import source_of, source_sizes
 from ..errors import HfCompressError
 from ..io import atomic_save
 from ..layers import LayerShape, decoder_blocks, expert_params, find_targets, require_dense
+from ..training import (StageMeter, check_launch, checkpointed_blocks, cycle_batches, fsdp_requested,
+                        shuffled, training_copy)
 from .compressible import CompressibleModel, LayerFactors, UnitScores
 from .config import AcipConfig
 from .gates import UnitGate, attach_gates, unit_sites, widths
@@ -81,11 +78,6 @@ def soft_ratio(layers: dict[str, SVDLinear], gates: dict[str, UnitGate], objecti
     sizes = _widths(layers, gates, soft)
     kept = sum(soft(layer) * sum(sizes[name]) for name, layer in layers.items())
     return kept / sum(layer.shape.dense_params for layer in layers.values())
-
-
-def shuffled(data: torch.Tensor, seed: int) -> torch.Tensor:
-    """The pass's fixed data order (whitening uses its first windows)."""
-    return data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))]
 
 
 def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progress: bool = True,
@@ -160,7 +152,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
                   "compressible directory")
     torch.manual_seed(config.seed)
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
-    _check_launch(accelerator)
+    check_launch(accelerator)
     fsdp = fsdp_requested(accelerator) if fsdp is None else fsdp
     if config.loss == "dense" and fsdp:
         raise HfCompressError("--loss dense needs the dense model beside the trained one in every process; "
@@ -290,33 +282,6 @@ def pass_loss(model, teacher, batch: torch.Tensor) -> torch.Tensor:
                     reduction="batchmean")
 
 
-def fsdp_requested(state) -> bool:
-    """Whether Accelerate (its `Accelerator` or `PartialState`) was asked for FSDP: `accelerate
-    launch --use_fsdp` or `accelerate config`. Accelerate itself shards on GPUs only; the pass
-    shards on any device, CPU processes included."""
-    return state.num_processes > 1 and (state.distributed_type == DistributedType.FSDP
-                                        or parse_flag_from_env("ACCELERATE_USE_FSDP"))
-
-
-def _check_launch(accelerator: Accelerator) -> None:
-    """`accelerate launch` without a GPU (e.g. with --use_fsdp) starts processes that each believe
-    they are alone and would each write the output."""
-    launched = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if launched != accelerator.num_processes:
-        raise HfCompressError(
-            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}; without a GPU, "
-            f"launch with ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} (add ACCELERATE_USE_FSDP=true for FSDP)"
-        )
-
-
-def training_copy(model: nn.Module) -> nn.Module:
-    """A second module tree over the same tensors (new Parameter objects on the same storage), for
-    DDP or FSDP to wrap and reshape while `model` itself stays untouched."""
-    memo = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()}
-    memo |= {id(b): b.detach() for b in model.buffers()}
-    return copy.deepcopy(model, memo)
-
-
 def shard(model: nn.Module, layers: dict[str, Ranked]) -> nn.Module:
     """FSDP2: each decoder block is one unit, the rest (embeddings, final norm, head) the root's.
     U, V, LoRA and the frozen weights are sharded by rows; the masks stay whole in every process
@@ -341,28 +306,6 @@ def average_mask_grads(layers: dict[str, Ranked], accelerator: Accelerator) -> N
         mask.grad = grad.clone() if seen > 0 else None
 
 
-class StageMeter:
-    """Seconds of each stage of the pass and, on a GPU, its peak allocated bytes: what the memory
-    plan predicts, measured."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.started_at, self._last, self.stages = time.time(), time.perf_counter(), {}
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def done(self, name: str) -> None:
-        now = time.perf_counter()
-        self.stages[name] = {"seconds": round(now - self._last, 3)}
-        if self.cuda:
-            self.stages[name]["peak_bytes"] = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        self._last = now
-
-    def report(self) -> dict:
-        return {"started_at": self.started_at, **self.stages}
-
-
 def next_lambda(config: AcipConfig, state: dict, soft: float, ratio: float, target: float) -> float:
     """The controller: grow while the size lags the schedule, shrink while ahead, steered by the
     lag-free soft size during the schedule and by the real size after it. Or the paper's fixed
@@ -372,29 +315,6 @@ def next_lambda(config: AcipConfig, state: dict, soft: float, ratio: float, targ
     in_schedule = state["step"] < config.schedule_fraction * config.max_steps
     steered = soft if in_schedule else ratio
     return state["lam"] * (config.growth if steered > target else 1 / config.growth)
-
-
-@contextlib.contextmanager
-def checkpointed_blocks(model: nn.Module, enabled: bool = True):
-    """Recompute each decoder block's activations during backward, so the pass holds one block's
-    activations instead of all of them. Done here, not with transformers' switch, because that one
-    acts only in training mode and the pass runs in eval mode (no dropout)."""
-    blocks = decoder_blocks(model)[1] if enabled else []
-    for block in blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
-
-
-def cycle_batches(accelerator, loader, start_step: int):
-    """Batches forever, starting where step `start_step` left off (cycling with a fixed order)."""
-    skip = start_step % len(loader)
-    while True:
-        yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
-        skip = 0
 
 
 def _layer_state(layers: dict[str, Ranked]) -> dict:
@@ -459,7 +379,3 @@ def _to_compressible(model, layers, config, summary, tokenizer, gates=None, wind
     summary = {**summary, "source": source_of(model), **source_sizes(model)}
     return CompressibleModel(model.cpu(), factors, config, summary, tokenizer, units,
                              None if windows is None else windows.cpu())
-
-
-def clear_progress(progress_dir: str | Path) -> None:
-    shutil.rmtree(progress_dir, ignore_errors=True)

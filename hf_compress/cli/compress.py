@@ -75,7 +75,7 @@ def compress(
 ):
     """Run one ACIP pass into a compressible directory; `materialize` then builds any size from it."""
     from ..acip import AcipConfig, acip
-    from ..acip.train import clear_progress, fsdp_requested
+    from ..training import clear_progress, fsdp_requested
     from ..data import calibration_data
     from ..io import check_output
     from ..loading import load_model, process_state, resolve_device, resolve_dtype

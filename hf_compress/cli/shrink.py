@@ -81,7 +81,7 @@ def prune_command(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Prune whole MLP channels and key/value head groups into a smaller model of the same architecture."""
-    from ..acip.train import clear_progress
+    from ..training import clear_progress
     from ..checkpoint import save_checkpoint
     from ..data import calibration_data
     from ..io import check_output

@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..acip.train import cycle_batches, checkpointed_blocks, fsdp_requested, shuffled
 from ..errors import HfCompressError
 from ..io import atomic_save
 from ..layers import decoder_blocks
 from ..quantize import width_multiple
+from ..training import checkpointed_blocks, cycle_batches, fsdp_requested, shuffled
 from ..units import Segment, Site, kept_units
 from .config import PruneConfig
 
