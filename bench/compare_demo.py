@@ -110,6 +110,7 @@ def plot(results, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="what hf-compress loads (the tests pass a tiny checkpoint)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -125,7 +126,7 @@ def main():
     ratios = [float(r) for r in args.ratios.split(",")]
     wall = time.perf_counter()
 
-    model, tokenizer = hfc.load_model("demo")
+    model, tokenizer = hfc.load_model(args.model)
     data = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=args.seq_len)
     heldout = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=512, split="test",
                                    max_windows=args.heldout_windows)

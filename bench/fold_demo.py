@@ -78,6 +78,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="what hf-compress loads (the tests pass a tiny checkpoint)")
     parser.add_argument("--ratios", default="0.9,0.8,0.7")
     parser.add_argument("--heldout-windows", type=int, default=8)
     parser.add_argument("--sensitivity-ratio", type=float, default=0.5)
@@ -91,7 +92,7 @@ def main():
     ratios = [float(r) for r in args.ratios.split(",")]
     wall = time.perf_counter()
 
-    model, tokenizer = hfc.load_model("demo")
+    model, tokenizer = hfc.load_model(args.model)
     heldout = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=512, split="test",
                                    max_windows=args.heldout_windows)
     dense_ppl = perplexity(model, heldout)["perplexity"]

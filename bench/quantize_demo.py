@@ -35,7 +35,7 @@ def compressible(args, tokenizer):
     path = Path(args.pass_dir)
     if (path / "acip.json").is_file():
         return hfc.CompressibleModel.from_pretrained(path), None
-    model, _ = hfc.load_model("demo")
+    model, _ = hfc.load_model(args.model)
     data = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=args.seq_len)
     start = time.perf_counter()
     result = hfc.acip(model, data, max_steps=args.steps, stop_ratio=0.4, batch_size=4)
@@ -47,14 +47,14 @@ def compressible(args, tokenizer):
 def configurations(args, cm):
     """name -> (family, quantization, dtype, build): each build makes a fresh model."""
     def dense(dtype, method=None):
-        model = hfc.load_model("demo")[0].to(dtype)
+        model = hfc.load_model(args.model)[0].to(dtype)
         return hfc.quantize(model, method) if method else model
 
     def acip(ratio, method, dtype):  # the bfloat16 ones come last: cm is not cast back
         return cm.to(dtype=dtype).materialize(ratio, quantize=method)
 
     def folded(method):
-        return hfc.fold(hfc.load_model("demo")[0], ratio=args.fold_ratio, quantize=method, show_progress=False)
+        return hfc.fold(hfc.load_model(args.model)[0], ratio=args.fold_ratio, quantize=method, show_progress=False)
 
     fp32, bf16 = torch.float32, torch.bfloat16
     methods = (None, "nf4") if args.quick else (None, "int8", "nf4")
@@ -77,6 +77,7 @@ def configurations(args, cm):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="what hf-compress loads (the tests pass a tiny checkpoint)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--ratios", default="0.9,0.8,0.6,0.4")
@@ -99,7 +100,7 @@ def main():
     budgets = [float(b) for b in args.budgets_mib.split(",")]
     torch.manual_seed(0)
 
-    _, tokenizer = hfc.load_model("demo")
+    _, tokenizer = hfc.load_model(args.model)
     splits = perplexity_splits(tokenizer, args.test_windows, args.val_windows, args.ood_windows)
     cm, pass_seconds = compressible(args, tokenizer)
 

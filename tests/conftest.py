@@ -52,6 +52,18 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    """A small random Llama with the tiny tokenizer, saved as a checkpoint: what the benchmark
+    scripts run on in the tests (wide enough for the 4-bit kernel, 512 positions for their windows)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "hidden_size": 128, "intermediate_size": 256, "max_position_embeddings": 512})
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads():
     torch.set_num_threads(2)

@@ -77,16 +77,6 @@ def test_eval_sweep_with_the_builtin_lm_eval_task(compressible, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
-def test_benchmark_runs_in_reduced_form(tmp_path):
-    """The benchmark is not a test, but it must not rot: run it with a handful of steps."""
-    bench = Path(__file__).parents[1] / "bench" / "compare_demo.py"
-    subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], check=True,
-                   capture_output=True)
-    results = json.loads((tmp_path / "compare_demo.json").read_text())
-    assert set(results["perplexity"]) >= {"plain SVD, uniform", "whitened SVD, uniform", "ACIP"}
-    assert (tmp_path / "compare_demo.png").is_file()
-
-
 def test_fold_demo_reload_without_remote_code_and_generate(tmp_path):
     out = tmp_path / "folded"
     cli("fold", "demo", "--ratio", 0.9, "--layers", "all", "--output", out)
@@ -121,15 +111,6 @@ def test_the_global_allocation_beats_folding_every_block_alike():
     assert abs(sizes[0] - sizes[1]) < 1e-3 and max(sizes) < 0.95  # one budget, rounded per block
     assert default.config.hf_compress["shapes"] and not uniform.config.hf_compress["shapes"]
     assert 5 * perplexity(default, heldout)["perplexity"] < perplexity(uniform, heldout)["perplexity"]
-
-
-def test_fold_benchmark_runs_in_reduced_form(tmp_path):
-    bench = Path(__file__).parents[1] / "bench" / "fold_demo.py"
-    subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], check=True,
-                   capture_output=True)
-    results = json.loads((tmp_path / "fold_demo.json").read_text())
-    assert {"magnitude pruning", "k-means fold"} <= set(results["perplexity"])
-    assert (tmp_path / "fold_demo.png").is_file()
 
 
 def test_quantized_size_within_a_byte_budget_reloads_without_hf_compress(compressible, tmp_path):
@@ -168,16 +149,6 @@ def test_demo_fold_compress_materialize_quantize_from_disk(tmp_path):
     assert record["quantization"] == "int8" and record["perplexity"] < 1e4
     assert record["model_bytes"] < 0.5 * json.loads((tmp_path / "m" / "config.json").read_text())[
         "hf_compress"]["source_bytes"]
-
-
-def test_quantize_benchmark_runs_in_reduced_form(tmp_path):
-    bench = Path(__file__).parents[1] / "bench" / "quantize_demo.py"
-    subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], check=True,
-                   capture_output=True)
-    results = json.loads((tmp_path / "quantize_demo.json").read_text())
-    assert {"dense fp32", "dense nf4", "ACIP 0.6 nf4", "fold 0.9 nf4"} <= set(results["results"])
-    assert results["results"]["dense nf4"]["bytes"] < 0.4 * results["results"]["dense fp32"]["bytes"]
-    assert (tmp_path / "quantize_demo.png").is_file()
 
 
 def test_memory_plan_is_within_15_percent_of_the_measured_peaks_on_the_demo(tmp_path):
