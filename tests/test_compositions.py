@@ -54,10 +54,17 @@ SHRINKS = {"fold": (), "prune": ("--seq-len", 32, "--windows", 4)}
 def test_shrink_compress_materialize_quantize(monkeypatch, capsys, source, tmp_path, command, layers):
     folded, compressible = tmp_path / "folded", tmp_path / "acip"
     ok(monkeypatch, capsys, command, source, "--ratio", 0.5, "--layers", layers, "--output", folded, *SHRINKS[command])
-    check_consumers(monkeypatch, capsys, folded, tmp_path)
+    shrunk = check_consumers(monkeypatch, capsys, folded, tmp_path)
+    (shrunk_record,) = json.loads((folded / "eval_results.json").read_text())["results"]
     ok(monkeypatch, capsys, "compress", folded, "--output", compressible, *SMALL_PASS)
-    ok(monkeypatch, capsys, "info", compressible)
+    sizes = json.loads(ok(monkeypatch, capsys, "info", compressible, "--json")[0])
+    assert sizes["target_dense_params"] == shrunk["target_params"]  # the pass ranks the shrunk layers
+    params = [row["target_params"] for row in sizes["sizes"]]
+    assert params == sorted(params) and params[-1] == shrunk["target_params"]
     ok(monkeypatch, capsys, "eval", compressible, "--size-ratios", "0.5,1.0", *SMALL_EVAL)
+    half, whole = json.loads((compressible / "eval_results.json").read_text())["results"]
+    assert half["target_params"] < whole["target_params"]
+    assert whole["perplexity"] == pytest.approx(shrunk_record["perplexity"], rel=1e-4)  # size 1.0 is the input
     ok(monkeypatch, capsys, "materialize", compressible, "--size-ratio", 0.6, "--output", tmp_path / "m")
     report = check_consumers(monkeypatch, capsys, tmp_path / "m", tmp_path)
     assert report["source_params"] == sum(p.numel() for p in tiny_model().parameters())

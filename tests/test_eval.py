@@ -5,6 +5,8 @@ import math
 import sys
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_data, tiny_model
 from hf_compress import acip
@@ -48,6 +50,26 @@ def workspace(tmp_path_factory, tokenizer):
     return root
 
 
+@torch.no_grad()
+def expected_accuracy(workspace) -> float:
+    """tiny_choice scored by hand: a document is right when its label's continuation (" " + choice)
+    is the likeliest after its question, as lm-eval's multiple_choice scores it."""
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    right = []
+    for line in (workspace / "tasks" / "tiny.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        context = tokenizer(doc["question"]).input_ids
+        scores = []
+        for choice in doc["choices"]:
+            continuation = tokenizer(doc["question"] + " " + choice).input_ids[len(context):]
+            ids = torch.tensor([context + continuation])
+            logprobs = model(ids[:, :-1]).logits.log_softmax(-1)[0, len(context) - 1:]
+            scores.append(logprobs.gather(1, torch.tensor(continuation)[:, None]).sum().item())
+        right.append(max(range(len(scores)), key=scores.__getitem__) == doc["label"])
+    return sum(right) / len(right)
+
+
 def run(monkeypatch, *args):
     monkeypatch.setattr(sys, "argv", ["hf-compress", *map(str, args)])
     with pytest.raises(SystemExit) as exit_info:
@@ -65,7 +87,7 @@ def test_model_perplexity_and_local_lm_eval_task(monkeypatch, workspace, tmp_pat
     assert {"torch", "transformers", "lm_eval"} <= set(result["versions"])
     (record,) = result["results"]
     assert record["size_ratio"] == 1.0 and record["perplexity"] > 1
-    assert 0 <= record["tasks"]["tiny_choice"]["acc"] <= 1
+    assert record["tasks"]["tiny_choice"]["acc"] == pytest.approx(expected_accuracy(workspace))
     assert json.loads((workspace / "model" / "eval_results.json").read_text()) == result
     (entry,) = result["model_index"]
     assert {r["task"]["name"] for r in entry["results"]} == {"Perplexity", "tiny_choice"}
@@ -86,7 +108,8 @@ def test_builtin_lm_eval_task_is_offline_and_real(workspace, tokenizer):
     from hf_compress.evaluate import BUILTIN_TASK, lm_eval_tasks
 
     metrics = lm_eval_tasks(tiny_model(), tokenizer, [BUILTIN_TASK], limit=8)[BUILTIN_TASK]
-    assert set(metrics) == {"acc", "acc_norm"} and 0 <= metrics["acc"] <= 1
+    assert set(metrics) == {"acc", "acc_norm"}
+    assert (metrics["acc"] * 8) == pytest.approx(round(metrics["acc"] * 8))  # a fraction of the 8 documents
 
 
 @pytest.mark.parametrize("args,message", [

@@ -65,6 +65,10 @@ def test_budget_too_small_warns_and_still_ranks():
     with pytest.warns(UserWarning, match="without reaching"):
         result = short_pass(max_steps=2, stop_ratio=0.1)
     assert not result.summary["reached_stop_ratio"]
+    for factors in result.layers.values():  # every value still has its place in the order
+        assert (factors.score[:-1] >= factors.score[1:]).all()
+    small = result.materialize(0.2, structure="svd", compensate=False)  # below where the pass stopped
+    assert small.config.hf_compress["size_ratio"] <= 0.2 < result.summary["final_ratio"]
 
 
 def test_lora_is_trained_and_kept():
