@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO ?= runs/demo
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install second-model demo test bench clean
+.PHONY: install second-model demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The edit loop: unit tests on tiny models only (no demo model, no subprocesses).
+test-fast: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not integration and not slow"
 
 bench: install second-model
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/compare_demo.py

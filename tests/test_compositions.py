@@ -8,6 +8,8 @@ import pytest
 
 from conftest import run_cli, tiny_model
 
+pytestmark = pytest.mark.slow
+
 SMALL_PASS = ("--max-steps", 4, "--seq-len", 32, "--batch-size", 4, "--save-every", 100)
 SMALL_EVAL = ("--max-windows", 2, "--seq-len", 32)
 

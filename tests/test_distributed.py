@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("acip_worker.py")
 
 
