@@ -199,6 +199,13 @@ def calibration_data(
     return torch.cat([torch.tensor(bos, dtype=torch.long).expand(n, len(bos)), windows], dim=1)
 
 
+def held_aside(tokenizer, dataset: str, seq_len: int, windows: int) -> tuple[torch.Tensor, str]:
+    """The last `windows` windows of text kept out of calibration, and the split they come from: a
+    builtin corpus' validation split, any other source's last windows (keep those out of the pass)."""
+    split = "validation" if builtin_corpus(dataset) else "calibration"
+    return calibration_data(tokenizer, dataset, seq_len=seq_len, split=split)[-windows:], split
+
+
 def leading_bos(tokenizer) -> list[int]:
     """[BOS] if the tokenizer starts every encoded text with it (Llama, Gemma: those models were
     trained so, and Gemma degrades badly without it), else []. Each window then starts with it."""

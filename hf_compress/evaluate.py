@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import builtin_text
+from .data import builtin_corpus, builtin_text
 from .errors import HfCompressError
 from .formats import size_report
 from .loading import cache_dir
@@ -161,6 +161,21 @@ def versions() -> dict:
         except PackageNotFoundError:
             continue
     return found | {"python": platform.python_version()}
+
+
+def results_document(model: str, records: list[dict], windows: torch.Tensor | None, dataset: str,
+                     dataset_split: str, seq_len: int, tasks: list[str], limit: int | None) -> dict:
+    """What `eval` writes: the records, the protocol that produced them, versions, and the Hub's
+    model-index entries."""
+    test_split = "test" if builtin_corpus(dataset) else dataset_split
+    protocol = {
+        "perplexity": None if windows is None else {
+            "dataset": dataset, "split": test_split, "seq_len": seq_len, "windows": len(windows),
+            "tokens": len(windows) * (seq_len - 1), "method": "non-overlapping windows, token-level mean NLL, exp"},
+        "tasks": tasks, "limit": limit,
+    }
+    return {"model": model, "protocol": protocol, "versions": versions(), "results": records,
+            "model_index": model_index(Path(model).name or model, records, dataset if windows is not None else "")}
 
 
 def model_index(name: str, records: list[dict], dataset: str) -> list[dict]:

@@ -247,6 +247,12 @@ class CompressibleModel:
             rows.append(row)
         return rows
 
+    def report(self, ratios=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict:
+        """What `info` prints: the pass's settings and summary, and `sizes` at each ratio."""
+        summary = {k: v for k, v in self.summary.items() if k != "history"}
+        return {"config": self.config.to_dict(), "summary": summary, "target_dense_params": self.dense_params,
+                "sizes": self.sizes(ratios)}
+
     def removed(self, plan: Plan) -> dict:
         """The MLP channels and head groups a plan removes."""
         counts = {"mlp_channels": 0, "head_groups": 0}

@@ -59,12 +59,11 @@ def load_compressible(path, device: str | None, dtype: str | None, trust_remote_
 
 def ratio_within_loss(compressible, max_increase: float, dataset: str, seq_len: int, windows: int,
                       quantize: str | None, **options) -> tuple[float, dict]:
-    """The loss-budget search of `CompressibleModel.ratio_within_loss`, printed as it goes, on
-    windows held aside from calibration: a builtin corpus' validation split, else the last windows."""
-    from ..data import builtin_corpus, calibration_data
+    """The loss-budget search of `CompressibleModel.ratio_within_loss` on held-aside windows
+    (`data.held_aside`), printed as it goes."""
+    from ..data import held_aside
 
-    split = "validation" if builtin_corpus(dataset) else "calibration"
-    data = calibration_data(compressible.tokenizer, dataset, seq_len=seq_len, split=split)[-windows:]
+    data, split = held_aside(compressible.tokenizer, dataset, seq_len, windows)
     console.print(f"searching the smallest size whose loss is within {max_increase:.1%} of the dense model's "
                   f"({len(data)} windows of {seq_len} tokens of {dataset}, {split} split)", highlight=False)
 

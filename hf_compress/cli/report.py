@@ -26,7 +26,9 @@ def info(
     from ..formats import META_FILE
 
     if (Path(path) / META_FILE).is_file():
-        report = compressible_report(Path(path), trust_remote_code)
+        from ..acip import CompressibleModel
+
+        report = {"compressible": path, **CompressibleModel.from_pretrained(path, trust_remote_code).report()}
     else:
         report = checkpoint_report(path, trust_remote_code)
     if as_json:
@@ -112,16 +114,7 @@ def evaluate_command(
         records.append(record)
         console.print(f"size ratio {record['size_ratio']:.3f}: " + summarize(record), highlight=False)
     print_records(records)
-    protocol = {
-        "perplexity": None if windows is None else {
-            "dataset": dataset, "split": "test" if builtin_corpus(dataset) else dataset_split,
-            "seq_len": seq_len, "windows": len(windows), "tokens": len(windows) * (seq_len - 1),
-            "method": "non-overlapping windows, token-level mean NLL, exp"},
-        "tasks": task_list, "limit": limit,
-    }
-    result = {"model": str(path), "protocol": protocol, "versions": ev.versions(), "results": records,
-              "model_index": ev.model_index(Path(path).name or str(path), records,
-                                            dataset if windows is not None else "")}
+    result = ev.results_document(str(path), records, windows, dataset, dataset_split, seq_len, task_list, limit)
     targets = [output] if output else []
     if Path(path).is_dir():  # beside the weights, where the model card and `push` look for it
         targets.append(Path(path) / ev.RESULTS_FILE)
@@ -180,16 +173,6 @@ def print_records(records: list[dict]) -> None:
     for row in rows:
         table.add_row(*row)
     Console(soft_wrap=True).print(table)
-
-
-def compressible_report(path: Path, trust_remote_code: bool) -> dict:
-    from ..acip import CompressibleModel
-
-    compressible = CompressibleModel.from_pretrained(path, trust_remote_code)
-    sizes = compressible.sizes((0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
-    summary = {k: v for k, v in compressible.summary.items() if k != "history"}
-    return {"compressible": str(path), "config": compressible.config.to_dict(), "summary": summary,
-            "target_dense_params": compressible.dense_params, "sizes": sizes}
 
 
 def checkpoint_report(path: str, trust_remote_code: bool) -> dict:
