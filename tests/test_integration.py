@@ -60,7 +60,7 @@ def test_fsdp_pass_in_two_processes_then_materialize_from_disk(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", ACCELERATE_USE_FSDP="true", OMP_NUM_THREADS="1")
     args = ["-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29511, "-m", "hf_compress",
             "compress", "demo", "--output", out, "--max-steps", 3, "--seq-len", 32, "--batch-size", 2,
-            "--whitening-windows", 4, "--include", r"layers\.[01]\."]  # two blocks: the sharding is the point
+            "--whitening-windows", 4, "--include", r"layers\.[01]\..*_proj$"]  # two blocks: the sharding is the point
     subprocess.run([sys.executable, *map(str, args)], check=True, capture_output=True, env=env)
     summary = json.loads((out / "acip.json").read_text())["summary"]
     assert summary["fsdp"] and summary["num_processes"] == 2
@@ -141,7 +141,7 @@ def test_quantized_size_within_a_byte_budget_reloads_without_hf_compress(compres
 def test_demo_fold_compress_materialize_quantize_from_disk(tmp_path):
     cli("fold", "demo", "--ratio", 0.9, "--output", tmp_path / "f")
     cli("compress", tmp_path / "f", "--output", tmp_path / "fc", "--max-steps", 3, "--seq-len", 64,
-        "--include", r"layers\.[0-3]\.")  # a few blocks: the composition is the point
+        "--include", r"layers\.[0-3]\..*_proj$")  # a few blocks: the composition is the point
     report = json.loads(cli("info", tmp_path / "fc", "--json").stdout)
     assert report["target_dense_params"] > 0
     cli("materialize", tmp_path / "fc", "--size-ratio", 0.7, "--quantize", "int8", "--output", tmp_path / "m")
