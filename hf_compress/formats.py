@@ -160,7 +160,7 @@ def size_report(model: PreTrainedModel) -> dict:
     """Per-layer ranks and parameters of the targeted layers, whole-model totals, bytes."""
     info = getattr(model.config, "hf_compress", None) or {}
     layers = []
-    for name, module in find_targets(model).items():
+    for name, module in find_targets(model, info.get("include"), info.get("exclude")).items():  # the pass's targets
         shape = layer_shape(module)
         rank = module.rank if isinstance(module, FactorizedLinear) else None
         layers.append({"name": name, "in": shape.in_features, "out": shape.out_features, "rank": rank,

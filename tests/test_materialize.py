@@ -12,8 +12,7 @@ from conftest import ARCHS, tiny_data, tiny_model
 from hf_compress import CompressibleModel, acip, load_model
 from hf_compress.acip.gates import unit_cost
 from hf_compress.checkpoint import save_checkpoint
-from hf_compress.formats import MODELING_FILE
-from hf_compress.formats import size_report
+from hf_compress.formats import MODELING_FILE, size_report
 from hf_compress.layers import dense_weight
 
 
@@ -130,3 +129,12 @@ def test_speed_aware_measures_this_device():
     model = acip(tiny_model(), tiny_data(), max_steps=2, batch_size=4, show_progress=False).materialize(
         0.6, speed_aware=True)
     assert model.config.hf_compress["speed_overhead_params"] == call_overhead_params("cpu", torch.float32)
+
+
+def test_a_pass_over_some_layers_reports_those_layers():
+    """`info` (size_report) counts the layers the pass targeted, not every Linear of the blocks."""
+    small = acip(tiny_model(), tiny_data(), max_steps=4, batch_size=4, include=r"mlp\.", show_progress=False,
+                 units="values").materialize(0.5)
+    report = size_report(small)
+    assert {layer["name"].split(".")[-1] for layer in report["layers"]} == {"gate_proj", "up_proj", "down_proj"}
+    assert report["size_ratio"] == pytest.approx(small.config.hf_compress["size_ratio"]) and report["size_ratio"] <= 0.5

@@ -375,6 +375,7 @@ class CompressibleModel:
         mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, shapes={**earlier, **resized},
                         method="acip",
                         objective=self.config.objective, removed=self.removed(plan),
+                        include=self.config.include, exclude=self.config.exclude,
                         source=self.summary.get("source"), size_ratio=round(params / self.dense_params, 6),
                         target_params=params, target_dense_params=self.dense_params, **carried, **info)
         return model.eval()
