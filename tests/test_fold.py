@@ -11,11 +11,10 @@ import torch
 from conftest import ARCHS, tiny_data, tiny_model
 from hf_compress import FoldConfig, HfCompressError, acip, fold, load_model
 from hf_compress.checkpoint import save_checkpoint
-from hf_compress.formats import MODELING_FILE
+from hf_compress.formats import MODELING_FILE, size_report
 from hf_compress.fold.kmeans import kmeans
 from hf_compress.fold.model import fold_site
 from hf_compress.units import attention_site, mlp_site
-from hf_compress.formats import size_report
 from hf_compress.layers import dense_weight, set_dense_weight
 
 
