@@ -16,6 +16,8 @@ from hf_compress import HfCompressError, acip, fold, prune
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.layers import find_targets
 
+pytestmark = pytest.mark.slow
+
 HEADS = dict(COMMON, head_dim=16)
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
               patch_size=14)

@@ -77,6 +77,7 @@ def run(monkeypatch, *args):
     return exit_info.value.code
 
 
+@pytest.mark.slow
 def test_model_perplexity_and_local_lm_eval_task(monkeypatch, workspace, tmp_path):
     code = run(monkeypatch, "eval", workspace / "model", "--dataset", workspace / "text.txt", "--seq-len", 32,
                "--tasks", "tiny_choice", "--include-path", workspace / "tasks", "--output", tmp_path / "r.json")
@@ -104,6 +105,7 @@ def test_sweep_of_a_compressible_directory_and_plot(monkeypatch, workspace, tmp_
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_builtin_lm_eval_task_is_offline_and_real(workspace, tokenizer):
     from hf_compress.evaluate import BUILTIN_TASK, lm_eval_tasks
 

@@ -59,6 +59,7 @@ def test_quantize_a_dense_model(method):
     assert size_report(quantized)["model_params"] == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_materialized_quantized_checkpoint_reloads_everywhere(compressible, method, tmp_path):
     small = compressible.materialize(0.5, quantize=method)

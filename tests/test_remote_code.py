@@ -12,6 +12,8 @@ from conftest import COMMON, run_cli, tiny_data
 from test_architectures import reload_without_hf_compress
 from test_compositions import SMALL_EVAL, SMALL_PASS, ok, refused
 
+pytestmark = pytest.mark.slow
+
 CONFIGURATION = '''
 from transformers import LlamaConfig
 
