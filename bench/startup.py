@@ -5,7 +5,6 @@ each the median of --runs fresh processes (after one warm-up), and whether torch
 """
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import COMMON, run_cli, tiny_data
+from conftest import COMMON, tiny_data
 from test_architectures import reload_without_hf_compress
 from test_compositions import SMALL_EVAL, SMALL_PASS, ok, refused
 
