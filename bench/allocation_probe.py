@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 import hf_compress as hfc
-from hf_compress.allocate import PROBE_LENGTH, PROBE_WINDOWS, SiteCost, block_inputs, random_windows
 from hf_compress.evaluate import perplexity, versions
-from hf_compress.fold.config import FoldConfig
-from hf_compress.fold.model import selection
 from hf_compress.layers import decoder_blocks
-from hf_compress.units import kept_units, mlp_site, shrink_site
+from hf_compress.shrink import FoldConfig
+from hf_compress.shrink.allocate import PROBE_LENGTH, PROBE_WINDOWS, SiteCost, block_inputs, random_windows
+from hf_compress.shrink.kmeans import KMeansFold
+from hf_compress.shrink.rewrite import kept_units, shrink_site
+from hf_compress.shrink.sites import mlp_site
 
 HERE = Path(__file__).parent
 
@@ -41,7 +42,7 @@ def main():
     model, tokenizer = hfc.load_model(args.model)
     validation = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=512, split="validation")[-args.windows:]
     text = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=PROBE_LENGTH)[:PROBE_WINDOWS]
-    chosen = selection(FoldConfig())
+    chosen = KMeansFold(FoldConfig())
     probes = {"random tokens": block_inputs(model, random_windows(model, tokenizer)),
               "calibration text": block_inputs(model, text)}
     dense = perplexity(model, validation)["perplexity"]

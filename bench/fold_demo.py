@@ -21,9 +21,10 @@ from torch import nn
 
 import hf_compress as hfc
 from hf_compress.evaluate import perplexity, versions
-from hf_compress.fold.config import FoldConfig
-from hf_compress.fold.model import fold_site
-from hf_compress.units import mlp_site
+from hf_compress.shrink import FoldConfig
+from hf_compress.shrink.kmeans import KMeansFold
+from hf_compress.shrink.rewrite import shrink_site
+from hf_compress.shrink.sites import mlp_site
 
 from common import save_and_print
 
@@ -41,7 +42,7 @@ def llama7b_mlp_seconds(seed: int = 0) -> float:
     block.mlp.down_proj = nn.Linear(11008, 4096, bias=False)
     start = time.perf_counter()
     with torch.no_grad():
-        fold_site(block, mlp_site(block), 0.9, FoldConfig())
+        shrink_site(block, 0, mlp_site(block), 0.9, KMeansFold(FoldConfig()))
     return time.perf_counter() - start
 
 

@@ -37,7 +37,7 @@ from hf_compress.acip.train import svd_compressible
 from hf_compress.evaluate import perplexity, versions
 from hf_compress.formats import size_report
 from hf_compress.layers import decoder_blocks
-from hf_compress.units import mlp_site
+from hf_compress.shrink.sites import mlp_site
 
 from common import save_and_print
 

@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 _HOMES = {  # public name -> the module that defines it
     "AcipConfig": "acip.config", "CompressibleModel": "acip.compressible", "acip": "acip.train",
-    "calibration_data": "data", "HfCompressError": "errors", "FoldConfig": "fold.config", "fold": "fold.model",
-    "load_model": "loading", "PruneConfig": "prune.config", "prune": "prune.model", "quantize": "quantize",
+    "calibration_data": "data", "HfCompressError": "errors", "FoldConfig": "shrink.config", "fold": "shrink.driver",
+    "load_model": "loading", "PruneConfig": "shrink.config", "prune": "shrink.driver", "quantize": "quantize",
 }
 __all__ = sorted(_HOMES)
 

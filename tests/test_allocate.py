@@ -5,10 +5,10 @@ import torch
 
 from conftest import tiny_data, tiny_model
 from hf_compress import fold, load_model, prune
-from hf_compress.allocate import random_windows
+from hf_compress.shrink.allocate import random_windows
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.layers import decoder_blocks, layer_shape
-from hf_compress.units import mlp_site
+from hf_compress.shrink.sites import mlp_site
 from test_architectures import build
 from test_fold import duplicate_units
 

@@ -12,10 +12,10 @@ from conftest import ARCHS, tiny_data, tiny_model
 from hf_compress import FoldConfig, HfCompressError, acip, fold, load_model
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.formats import MODELING_FILE, size_report
-from hf_compress.fold.kmeans import kmeans
-from hf_compress.fold.model import fold_site
-from hf_compress.units import attention_site, mlp_site
 from hf_compress.layers import dense_weight, set_dense_weight
+from hf_compress.shrink.kmeans import KMeansFold, kmeans
+from hf_compress.shrink.rewrite import shrink_site
+from hf_compress.shrink.sites import attention_site, mlp_site
 
 
 @torch.no_grad()
@@ -124,7 +124,7 @@ def test_a_cluster_merges_rows_by_output_weighted_mean_and_sums_columns():
     block = tiny_model("llama").model.layers[0]
     up, down = dense_weight(block.mlp.up_proj).clone(), dense_weight(block.mlp.down_proj).clone()
     weights = down.pow(2).sum(0)  # each channel's output column, squared norm
-    fold_site(block, mlp_site(block), 1e-3, FoldConfig())  # every channel into one
+    shrink_site(block, 0, mlp_site(block), 1e-3, KMeansFold(FoldConfig()))  # every channel into one
     torch.testing.assert_close(dense_weight(block.mlp.up_proj)[0], weights @ up / weights.sum())
     torch.testing.assert_close(dense_weight(block.mlp.down_proj)[:, 0], down.sum(1))
 

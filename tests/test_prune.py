@@ -9,9 +9,11 @@ from transformers import AutoModelForCausalLM
 from conftest import ARCHS, run_cli, tiny_data, tiny_model
 from hf_compress import HfCompressError, PruneConfig, prune
 from hf_compress.layers import decoder_blocks, dense_weight
-from hf_compress.prune.model import activation_scores
-from hf_compress.prune.torque import UnitGroup, torque_scores
-from hf_compress.units import Magnitude, mlp_site, shrink_site, sites
+from hf_compress.shrink.rewrite import shrink_site
+from hf_compress.shrink.selection import Magnitude, activation_scores
+from hf_compress.shrink.sites import mlp_site, sites
+from hf_compress.shrink import torque
+from hf_compress.shrink.torque import UnitGroup, torque_scores
 
 
 @torch.no_grad()
@@ -137,8 +139,6 @@ def test_torque_kills_the_units_farthest_from_the_pivot_and_prunes_the_dead_firs
 def test_an_interrupted_torque_run_resumes_and_a_finished_one_is_read_back(tmp_path, monkeypatch, capsys):
     data = tiny_data(8)
     straight = prune(tiny_model(), data, ratio=0.5, **TORQUE)
-    from hf_compress.prune import model as prune_model, torque
-
     real_pull = torque.UnitGroup.pull
 
     def pull(self, strength, step):
@@ -153,7 +153,7 @@ def test_an_interrupted_torque_run_resumes_and_a_finished_one_is_read_back(tmp_p
     def no_sweep(*args, **kwargs):
         raise AssertionError("a resumed run has ranked its units already")
 
-    monkeypatch.setattr(prune_model, "activation_scores", no_sweep)
+    monkeypatch.setattr(torque, "activation_scores", no_sweep)
     resumed = prune(tiny_model(), data, ratio=0.5, progress_dir=tmp_path, save_every=4, **TORQUE)
     assert "resuming the torque run at step 4" in capsys.readouterr().out
     for a, b in zip(straight.parameters(), resumed.parameters()):

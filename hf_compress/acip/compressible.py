@@ -36,7 +36,9 @@ from ..loading import load_config, read_json
 from ..quantize import linear_bytes, quantize as quantize_model, width_multiple
 from ..speed import call_overhead_params
 from ..modeling_hf_compress import factorize_
-from ..units import Chosen, MLP_WIDTHS, shrink_config, shrink_site
+from ..shrink.rewrite import shrink_config, shrink_site
+from ..shrink.selection import Chosen
+from ..shrink.sites import MLP_WIDTHS
 from .compensate import compensate as compensate_layers
 from .config import AcipConfig
 from .gates import SiteRef, widths

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import HfCompressError
 from ..layers import LayerShape, decoder_blocks
-from ..units import HEAD_COUNTS, Segment, Site, attention_site, mlp_site
+from ..shrink.sites import HEAD_COUNTS, Segment, Site, attention_site, mlp_site
 from .layer import Ranked
 
 

@@ -34,7 +34,7 @@ def fold_command(
 ):
     """Fold a model data-free into a smaller one of the same architecture."""
     from ..checkpoint import save_checkpoint
-    from ..fold import FoldConfig, fold
+    from ..shrink import FoldConfig, fold
     from ..io import check_output
 
     config = config_from(FoldConfig, locals(), layers=parse_layers(layers, ratio))
@@ -86,7 +86,7 @@ def prune_command(
     from ..data import calibration_data
     from ..io import check_output
     from ..loading import process_state
-    from ..prune import PruneConfig, prune
+    from ..shrink import PruneConfig, prune
 
     config = config_from(PruneConfig, locals(), layers=parse_layers(layers, ratio))
     check_output(output, overwrite)
@@ -117,7 +117,7 @@ def print_shrunk(net, output: Path, timing: str) -> None:
 
 def parse_layers(text: str, ratio: float) -> str | dict[int, float]:
     """'global', 'middle', 'all', or '0-3,7' / '2-9=0.95,10-27=0.8' (blocks without a ratio take --ratio)."""
-    from ..units import SCHEDULES
+    from ..shrink.config import SCHEDULES
 
     if text.strip() in SCHEDULES:
         return text.strip()

@@ -1,5 +1,8 @@
-"""Weighted k-means in torch: random projection to a few hundred dimensions, seeding by
-rounds of pairing close units, then Lloyd iterations. Deterministic per seed.
+"""Folding's selection: cluster structurally similar units of a site and merge each cluster.
+Weighted k-means in torch on the units' input-side rows, each weighted by the squared norm of
+its output-side columns (`rewrite.output_weights`), so that the merged rows are the members'
+weighted mean and the merged columns their sum: random projection to a few hundred dimensions,
+seeding by rounds of pairing close units, then Lloyd iterations. Deterministic per seed.
 
 Folding keeps most units (k close to n), where k-means++ seeding needs k sequential steps and
 scikit-learn's KMeans took tens of minutes on the demo model. Pairing the
@@ -13,7 +16,19 @@ import math
 
 import torch
 
-from ..units import weighted_means
+from .config import FoldConfig
+from .rewrite import output_weights, weighted_means
+from .selection import Selection
+
+
+class KMeansFold(Selection):
+    """Weighted k-means clusters of a site's units."""
+
+    def __init__(self, config: FoldConfig):
+        self.config = config
+
+    def labels(self, index, site, inputs, outputs, k):
+        return kmeans(inputs, k, self.config.seed, self.config.iterations, weights=output_weights(outputs))
 
 
 def project(points: torch.Tensor, dims: int, seed: int) -> torch.Tensor:

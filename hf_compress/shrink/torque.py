@@ -33,11 +33,29 @@ from ..io import atomic_save
 from ..layers import decoder_blocks
 from ..quantize import width_multiple
 from ..training import checkpointed_blocks, cycle_batches, fsdp_requested, shuffled
-from ..units import Segment, Site, kept_units
 from .config import PruneConfig
+from .rewrite import kept_units
+from .selection import Scored, activation_scores
+from .sites import Segment, Site
 
 GROWTH = 1.01 ** 500  # the force on the farthest unit over the pivot's
 PROGRESS_FILE = "torque.pt"
+
+
+class Torque(Scored):
+    """Keep the units that survived the torque run (`torque_scores`); with `progress_dir` the run
+    is resumable there."""
+
+    def __init__(self, config: PruneConfig, progress_dir: str | Path | None = None):
+        super().__init__(config)
+        self.progress_dir = progress_dir
+
+    def prepare(self, model, data, found, show_progress=True):
+        def importance():
+            return activation_scores(model, data, found, self.config.batch_size, show_progress)
+
+        self.table = torque_scores(model, data, found, self.config, importance, self.progress_dir, show_progress)
+        return {"steps": self.config.max_steps}
 
 
 @dataclass

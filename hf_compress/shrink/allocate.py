@@ -23,9 +23,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import decoder_blocks, require_dense
-from .quantize import width_multiple
-from .units import Selection, Site, UnitConfig, check_head_counts, kept_units, shrink_site, sites
+from ..layers import decoder_blocks
+from ..quantize import width_multiple
+from .config import ShrinkConfig
+from .rewrite import check_head_counts, kept_units, shrink_site
+from .selection import Selection
+from .sites import Site
 
 GRID = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # ratios a site steps down
 PROBE_WINDOWS, PROBE_LENGTH = 8, 128
@@ -129,12 +132,10 @@ def allocate(model, found: list[tuple[int, Site]], ratio: float, selection: Sele
     return {index: k / costs[index].units for index, k in kept.items()}
 
 
-def planned_sites(model, config: UnitConfig, selection: Selection, windows: torch.Tensor,
-                  show_progress: bool = True) -> list[tuple[int, float, Site]]:
-    """`units.sites(model, config)`, with each block's ratios allocated when `config.layers` is
-    "global" (MLPs to make up `ratio` together, attentions `heads_ratio`)."""
-    require_dense(model, config.verb, f"{config.verb} first, then compress")
-    found = sites(model, config)
+def allocated(model, config: ShrinkConfig, selection: Selection, found: list[tuple[int, float, Site]],
+              windows: torch.Tensor, show_progress: bool = True) -> list[tuple[int, float, Site]]:
+    """The sites `found` (`sites.sites`) with each block's ratio allocated on the probe `windows`
+    when `config.layers` is "global" (MLPs to make up `ratio` together, attentions `heads_ratio`)."""
     if config.layers != "global":
         return found
     check_head_counts(decoder_blocks(model)[1], config, uniform=False)
