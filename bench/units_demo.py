@@ -14,7 +14,8 @@ Rows, at sizes 0.9 / 0.8 / 0.7 / 0.6 of the targeted Linear parameters:
 - the channels pass compensated (the default; seeds 0, 1, 2 with `--seeds 3`), with structure
   channels, and with the dense loss.
 
-Every pass is `make demo`'s (60 steps of 4 windows of 128 tokens of `builtin`, stop ratio 0.4;
+A rerun measures only the cells the results file lacks (`--remeasure`: all of them). Every pass is
+`make demo`'s (60 steps of 4 windows of 128 tokens of `builtin`, stop ratio 0.4;
 `--steps 200` for the long one); passes are kept in --runs and read back on a rerun.
 Perplexity on 512-token windows: the first --windows of each test split and the last --windows of
 each validation split of pydoc, wiki and news (news is in no calibration set).
@@ -94,6 +95,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    parser.add_argument("--remeasure", action="store_true", help="measure cells the results file already has")
     parser.add_argument("--old-pass", default=None, help="a compressible directory from an earlier version")
     parser.add_argument("--runs", default=str(HERE / "runs"))
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -135,20 +137,23 @@ def main():
              for seed in range(args.seeds)}
     if args.old_pass:
         rows["pass before units (this repo's previous version)"] = old
-    if args.rows:
-        wanted = args.rows.split(",")
-        rows = {name: fn for name, fn in rows.items() if any(name.startswith(w) for w in wanted)}
+    if args.rows:  # in the order asked for
+        rows = {name: fn for w in args.rows.split(",") for name, fn in rows.items() if name.startswith(w)}
 
     tag = "" if args.model == "demo" else "_" + args.model.replace("demo:", "")
     out = Path(args.out)
     path = out / f"units_demo{tag}_{args.steps}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    results |= {"command": "python bench/units_demo.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                    vars(args).items() if v is not None),
-                "versions": versions(), "dense": measure(dense, windows)}
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+             if v not in (None, False)]
+    results |= {"command": "python bench/units_demo.py " + " ".join(flags), "versions": versions()}
+    if "dense" not in results or args.remeasure:
+        results["dense"] = measure(dense, windows)
     results.setdefault("rows", {})
     for name, make in rows.items():
         for size in SIZES:
+            if str(size) in results["rows"].get(name, {}) and not args.remeasure:
+                continue  # measured by an earlier run of the same command
             start = time.perf_counter()
             model = make(size)
             seconds = time.perf_counter() - start

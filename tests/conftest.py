@@ -1,6 +1,9 @@
 """Tiny random models of several architectures, a tiny tokenizer, and offline settings."""
 
+import io
 import os
+import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -69,14 +72,31 @@ def _quiet_threads():
     torch.set_num_threads(2)
 
 
-def run_cli(monkeypatch, capsys, *args):
-    """Run `hf-compress ARGS` in this process; returns (exit code, stdout, stderr)."""
-    import sys
-
+def run_cli(*args) -> tuple[int, str, str]:
+    """Run `hf-compress ARGS` in this process (a subprocess would spend seconds importing torch
+    first); returns (exit code, stdout, stderr)."""
     from hf_compress.cli import main
 
-    monkeypatch.setattr(sys, "argv", ["hf-compress", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["hf-compress", *map(str, args)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = argv
+    return exit_info.value.code, out.getvalue(), err.getvalue()
+
+
+def ok(*args) -> tuple[str, str]:
+    """`hf-compress ARGS` that must succeed: (stdout, stderr)."""
+    code, out, err = run_cli(*args)
+    assert code in (0, None), err
+    return out, err
+
+
+def refused(*args) -> str:
+    """`hf-compress ARGS` that must fail with one sentence: that sentence."""
+    code, _, err = run_cli(*args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    return lines[-1]

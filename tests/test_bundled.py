@@ -36,10 +36,10 @@ def test_assemble_with_a_bad_chunk_leaves_nothing(tmp_path):
     assert list(target.parent.iterdir()) == []  # no target, no temporary file
 
 
-def test_unknown_bundled_model(monkeypatch, capsys, tmp_path):
+def test_unknown_bundled_model(tmp_path):
     with pytest.raises(HfCompressError, match="the bundled models are demo, demo:gemma3"):
         bundled("demo:llama")
-    code, _, err = run_cli(monkeypatch, capsys, "compress", "demo:llama", "--output", tmp_path / "c")
+    code, _, err = run_cli("compress", "demo:llama", "--output", tmp_path / "c")
     assert code == 1 and "no bundled model 'demo:llama'" in err and not (tmp_path / "c").exists()
 
 

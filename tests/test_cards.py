@@ -93,10 +93,10 @@ def test_quantized_checkpoint(tmp_path):
     assert "bitsandbytes `nf4`. Left unquantized: `lm_head`" in card.text and "pip install bitsandbytes" in card.text
 
 
-def test_eval_refreshes_the_card_unless_the_user_wrote_it(monkeypatch, capsys, tmp_path, tokenizer):
+def test_eval_refreshes_the_card_unless_the_user_wrote_it(tmp_path, tokenizer):
     model = tiny_model()
     save_checkpoint(fold(model, ratio=0.5, layers=[1], show_progress=False), tokenizer, tmp_path / "f")
-    code, _, _ = run_cli(monkeypatch, capsys, "eval", tmp_path / "f", "--max-windows", 2, "--seq-len", 32)
+    code, _, _ = run_cli("eval", tmp_path / "f", "--max-windows", 2, "--seq-len", 32)
     assert code in (0, None)
     card = card_of(tmp_path / "f")
     perplexity = json.loads((tmp_path / "f" / "eval_results.json").read_text())["results"][0]["perplexity"]
@@ -105,13 +105,13 @@ def test_eval_refreshes_the_card_unless_the_user_wrote_it(monkeypatch, capsys, t
     assert result.metric_value == round(perplexity, 4) and "## Evaluation" in card.text
 
     (tmp_path / "f" / CARD_FILE).write_text("# my own card\n")
-    run_cli(monkeypatch, capsys, "eval", tmp_path / "f", "--max-windows", 2, "--seq-len", 32)
+    run_cli("eval", tmp_path / "f", "--max-windows", 2, "--seq-len", 32)
     assert (tmp_path / "f" / CARD_FILE).read_text() == "# my own card\n"
 
 
-def test_a_sweep_is_a_table_not_model_index(monkeypatch, capsys, tmp_path, tokenizer):
+def test_a_sweep_is_a_table_not_model_index(tmp_path, tokenizer):
     path = compressed(tmp_path, "some-org/tiny-llama", tokenizer)
-    code, _, _ = run_cli(monkeypatch, capsys, "eval", path, "--size-ratios", "0.5,1.0", "--max-windows", 2,
+    code, _, _ = run_cli("eval", path, "--size-ratios", "0.5,1.0", "--max-windows", 2,
                          "--seq-len", 32)
     assert code in (0, None)
     card = card_of(path)

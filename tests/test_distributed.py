@@ -1,6 +1,7 @@
 """Two CPU processes (gloo, torchrun), under DDP or FSDP, rank singular values (and torque-prune) as one process
 does."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -22,9 +23,23 @@ def run_worker(out: Path, processes: int, **env) -> dict:
     return torch.load(out, weights_only=False)
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process result of each setting, run once for every test that compares with it."""
+    results = {}
+
+    def run(**env) -> dict:
+        key = tuple(sorted(env.items()))
+        if key not in results:
+            results[key] = run_worker(tmp_path_factory.mktemp("one") / "one.pt", 1, **env)
+        return copy.deepcopy(results[key])
+
+    return run
+
+
 @pytest.mark.parametrize("objective", ["saliency", "torque", "pmmp"])  # its own rule, AdamW, SGD with extra state
-def test_two_processes_give_the_single_process_score_map(tmp_path, objective):
-    single = run_worker(tmp_path / "one.pt", 1, OBJECTIVE=objective)
+def test_two_processes_give_the_single_process_score_map(tmp_path, one_process, objective):
+    single = one_process(OBJECTIVE=objective)
     double = run_worker(tmp_path / "two.pt", 2, OBJECTIVE=objective)
     assert single["_summary"]["num_processes"] == 1 and double["_summary"]["num_processes"] == 2
     assert double.pop("_rows_held") == 1.0 and single.pop("_rows_held") == 1.0
@@ -36,10 +51,10 @@ def test_two_processes_give_the_single_process_score_map(tmp_path, objective):
             assert torch.equal(double[name] <= 0, scores <= 0)  # the same values died
 
 
-def test_fsdp_gives_the_single_process_score_map(tmp_path):
+def test_fsdp_gives_the_single_process_score_map(tmp_path, one_process):
     """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP: blocks sharded with FSDP2, masks whole."""
-    single = run_worker(tmp_path / "one.pt", 1)
-    sharded = run_worker(tmp_path / "fsdp.pt", 2, ACCELERATE_USE_FSDP="true")
+    single = one_process(OBJECTIVE="saliency")
+    sharded = run_worker(tmp_path / "fsdp.pt", 2, OBJECTIVE="saliency", ACCELERATE_USE_FSDP="true")
     assert sharded["_summary"]["fsdp"] and not single["_summary"]["fsdp"]
     assert sharded.pop("_rows_held") == 0.5 and single.pop("_rows_held") == 1.0  # U really was sharded
     assert single["_summary"]["steps"] == sharded["_summary"]["steps"]
@@ -49,8 +64,8 @@ def test_fsdp_gives_the_single_process_score_map(tmp_path):
             assert torch.equal(sharded[name] <= 0, scores <= 0)
 
 
-def test_two_processes_train_and_prune_under_torque_as_one_does(tmp_path):
-    single = run_worker(tmp_path / "one.pt", 1, PRUNE="torque")
+def test_two_processes_train_and_prune_under_torque_as_one_does(tmp_path, one_process):
+    single = one_process(PRUNE="torque")
     double = run_worker(tmp_path / "two.pt", 2, PRUNE="torque")
     assert single.keys() == double.keys()
     for name, weight in single.items():

@@ -90,11 +90,11 @@ def snapshot(path) -> dict:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_dry_run_prints_the_card_for_the_repo_and_uploads_nothing(monkeypatch, capsys, folded_dir):
-    code, _, _ = run_cli(monkeypatch, capsys, "eval", folded_dir, "--max-windows", 2, "--seq-len", 32)
+def test_dry_run_prints_the_card_for_the_repo_and_uploads_nothing(folded_dir):
+    code, _, _ = run_cli("eval", folded_dir, "--max-windows", 2, "--seq-len", 32)
     assert code in (0, None)
     before = snapshot(folded_dir)
-    code, out, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", REPO, "--dry-run")
+    code, out, err = run_cli("push", folded_dir, "--repo-id", REPO, "--dry-run")
     assert code in (0, None) and "would push" in err and "dry run" in err
     card = ModelCard(out)
     assert card.data.base_model == "some-org/tiny-llama" and "fold" in card.data.tags
@@ -150,7 +150,7 @@ def test_a_failed_push_says_why_and_leaves_the_directory_alone(monkeypatch, caps
     hub.fail = failure
     before = snapshot(folded_dir)
     capsys.readouterr()  # drop what the fixtures printed
-    code, _, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", repo)
+    code, _, err = run_cli("push", folded_dir, "--repo-id", repo)
     assert code == 1 and f"error: {message}" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert snapshot(folded_dir) == before
@@ -158,8 +158,8 @@ def test_a_failed_push_says_why_and_leaves_the_directory_alone(monkeypatch, caps
         assert hub.requests == []  # refused before any network
 
 
-def test_offline_push_fails_with_one_line(monkeypatch, capsys, folded_dir):
-    code, _, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", REPO)
+def test_offline_push_fails_with_one_line(folded_dir):
+    code, _, err = run_cli("push", folded_dir, "--repo-id", REPO)
     assert code == 1 and f"error: cannot push to {REPO} in offline mode" in err and "Traceback" not in err
 
 
@@ -176,7 +176,7 @@ def test_card_of_a_compressible_directory(tmp_path):
 @pytest.mark.parametrize("damage,message", [
     ("truncate", "incomplete or corrupt"), ("no_marker", "was not written by hf-compress"),
 ])
-def test_bad_directories_are_refused(monkeypatch, capsys, folded_dir, damage, message):
+def test_bad_directories_are_refused(folded_dir, damage, message):
     if damage == "truncate":
         weights = folded_dir / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-100])
@@ -184,7 +184,7 @@ def test_bad_directories_are_refused(monkeypatch, capsys, folded_dir, damage, me
         config = json.loads((folded_dir / "config.json").read_text())
         del config["hf_compress"]
         (folded_dir / "config.json").write_text(json.dumps(config))
-    code, _, err = run_cli(monkeypatch, capsys, "push", folded_dir, "--repo-id", REPO, "--dry-run")
+    code, _, err = run_cli("push", folded_dir, "--repo-id", REPO, "--dry-run")
     assert code == 1 and message in err
 
 

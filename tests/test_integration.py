@@ -1,4 +1,5 @@
-"""End to end on the bundled demo model (SmolLM2-135M) with the builtin corpus, via the CLI."""
+"""End to end on the bundled demo model (SmolLM2-135M) with the builtin corpus, via the CLI (run in
+this process; every checkpoint is reloaded in a fresh one)."""
 
 import json
 import os
@@ -9,19 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ok
+
 pytestmark = pytest.mark.integration
-RATIOS = (0.8, 0.6, 0.4)
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "hf_compress", *map(str, args)], check=True,
-                          capture_output=True, text=True)
+RATIOS = (0.8, 0.4)
 
 
 @pytest.fixture(scope="module")
 def compressible(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "acip"
-    cli("compress", "demo", "--output", out, "--max-steps", 10, "--seq-len", 64, "--batch-size", 4,
+    ok("compress", "demo", "--output", out, "--max-steps", 10, "--seq-len", 64, "--batch-size", 4,
         "--lora-rank", 4, "--save-every", 5)
     return out
 
@@ -34,8 +32,8 @@ def test_pass_summary(compressible):
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_materialize_reload_in_fresh_process_and_generate(compressible, tmp_path, ratio):
     out = tmp_path / f"m{ratio}"
-    cli("materialize", compressible, "--size-ratio", ratio, "--output", out)
-    report = json.loads(cli("info", out, "--json").stdout)
+    ok("materialize", compressible, "--size-ratio", ratio, "--output", out)
+    report = json.loads(ok("info", out, "--json")[0])
     # At or below the ratio, and below it by at most one kept value of the widest layer.
     assert ratio - 2112 / report["target_dense_params"] <= report["size_ratio"] <= ratio
     script = textwrap.dedent(f"""
@@ -64,12 +62,12 @@ def test_fsdp_pass_in_two_processes_then_materialize_from_disk(tmp_path):
     subprocess.run([sys.executable, *map(str, args)], check=True, capture_output=True, env=env)
     summary = json.loads((out / "acip.json").read_text())["summary"]
     assert summary["fsdp"] and summary["num_processes"] == 2
-    cli("materialize", out, "--size-ratio", 0.6, "--output", tmp_path / "m")
-    assert json.loads(cli("info", tmp_path / "m", "--json").stdout)["size_ratio"] <= 0.6
+    ok("materialize", out, "--size-ratio", 0.6, "--output", tmp_path / "m")
+    assert json.loads(ok("info", tmp_path / "m", "--json")[0])["size_ratio"] <= 0.6
 
 
 def test_eval_sweep_with_the_builtin_lm_eval_task(compressible, tmp_path):
-    cli("eval", compressible, "--size-ratios", "0.6,1.0", "--max-windows", 2, "--tasks", "pydoc_cloze",
+    ok("eval", compressible, "--size-ratios", "0.6,1.0", "--max-windows", 2, "--tasks", "pydoc_cloze",
         "--limit", 12, "--output", tmp_path / "r.json", "--plot", tmp_path / "c.png")
     small, full = json.loads((tmp_path / "r.json").read_text())["results"]
     assert full["perplexity"] < small["perplexity"]
@@ -77,12 +75,20 @@ def test_eval_sweep_with_the_builtin_lm_eval_task(compressible, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
-def test_fold_demo_reload_without_remote_code_and_generate(tmp_path):
-    out = tmp_path / "folded"
-    cli("fold", "demo", "--ratio", 0.9, "--layers", "all", "--output", out)
+@pytest.fixture(scope="module")
+def folded(tmp_path_factory):
+    """The demo folded to 0.9 by the default (global) schedule and by every block alike."""
+    root = tmp_path_factory.mktemp("folded")
+    for layers in ("global", "all"):
+        ok("fold", "demo", "--ratio", 0.9, "--layers", layers, "--output", root / layers)
+    return root
+
+
+def test_fold_demo_reload_without_remote_code_and_generate(folded):
+    out = folded / "all"
     config = json.loads((out / "config.json").read_text())
     assert config["intermediate_size"] == 1382 and "auto_map" not in config
-    report = json.loads(cli("info", out, "--json").stdout)
+    report = json.loads(ok("info", out, "--json")[0])
     assert 0.9 < report["size_ratio"] < 0.95
     script = textwrap.dedent(f"""
         import sys
@@ -98,15 +104,14 @@ def test_fold_demo_reload_without_remote_code_and_generate(tmp_path):
     assert done.stdout.strip()
 
 
-def test_the_global_allocation_beats_folding_every_block_alike():
+def test_the_global_allocation_beats_folding_every_block_alike(folded):
     """The default fold (measured 15.7 against 437 on 4 test windows, docs/BENCHMARKS.md)."""
     import hf_compress as hfc
     from hf_compress.evaluate import perplexity
 
-    model, tokenizer = hfc.load_model("demo")
+    default, tokenizer = hfc.load_model(str(folded / "global"))
+    uniform, _ = hfc.load_model(str(folded / "all"))
     heldout = hfc.calibration_data(tokenizer, "builtin:pydoc", seq_len=256, split="test", max_windows=2)
-    default = hfc.fold(hfc.load_model("demo")[0], ratio=0.9, show_progress=False)
-    uniform = hfc.fold(model, ratio=0.9, layers="all", show_progress=False)
     sizes = default.config.hf_compress["size_ratio"], uniform.config.hf_compress["size_ratio"]
     assert abs(sizes[0] - sizes[1]) < 1e-3 and max(sizes) < 0.95  # one budget, rounded per block
     assert default.config.hf_compress["shapes"] and not uniform.config.hf_compress["shapes"]
@@ -115,9 +120,9 @@ def test_the_global_allocation_beats_folding_every_block_alike():
 
 def test_quantized_size_within_a_byte_budget_reloads_without_hf_compress(compressible, tmp_path):
     out = tmp_path / "nf4"
-    done = cli("materialize", compressible, "--max-size", "150MiB", "--quantize", "nf4", "--output", out)
-    assert "the largest within 150MiB" in done.stderr
-    report = json.loads(cli("info", out, "--json").stdout)
+    _, err = ok("materialize", compressible, "--max-size", "150MiB", "--quantize", "nf4", "--output", out)
+    assert "the largest within 150MiB" in err
+    report = json.loads(ok("info", out, "--json")[0])
     assert report["model_bytes"] <= 150 * 2**20 and report["quantization"]["method"] == "nf4"
     assert report["width_multiple"] == 64
     script = textwrap.dedent(f"""
@@ -133,19 +138,18 @@ def test_quantized_size_within_a_byte_budget_reloads_without_hf_compress(compres
     done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.stdout.strip()
-    cli("eval", out, "--max-windows", 1, "--seq-len", 128)
+    ok("eval", out, "--max-windows", 1, "--seq-len", 128)
     card = (out / "README.md").read_text()
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "nf4" in card and "perplexity" in card.lower()
 
 
-def test_demo_fold_compress_materialize_quantize_from_disk(tmp_path):
-    cli("fold", "demo", "--ratio", 0.9, "--output", tmp_path / "f")
-    cli("compress", tmp_path / "f", "--output", tmp_path / "fc", "--max-steps", 3, "--seq-len", 64,
+def test_demo_fold_compress_materialize_quantize_from_disk(folded, tmp_path):
+    ok("compress", folded / "global", "--output", tmp_path / "fc", "--max-steps", 3, "--seq-len", 64,
         "--include", r"layers\.[0-3]\..*_proj$")  # a few blocks: the composition is the point
-    report = json.loads(cli("info", tmp_path / "fc", "--json").stdout)
+    report = json.loads(ok("info", tmp_path / "fc", "--json")[0])
     assert report["target_dense_params"] > 0
-    cli("materialize", tmp_path / "fc", "--size-ratio", 0.7, "--quantize", "int8", "--output", tmp_path / "m")
-    cli("eval", tmp_path / "m", "--max-windows", 1, "--seq-len", 128, "--output", tmp_path / "r.json")
+    ok("materialize", tmp_path / "fc", "--size-ratio", 0.7, "--quantize", "int8", "--output", tmp_path / "m")
+    ok("eval", tmp_path / "m", "--max-windows", 1, "--seq-len", 128, "--output", tmp_path / "r.json")
     record = json.loads((tmp_path / "r.json").read_text())["results"][0]
     assert record["quantization"] == "int8" and record["perplexity"] < 1e4
     assert record["model_bytes"] < 0.5 * json.loads((tmp_path / "m" / "config.json").read_text())[

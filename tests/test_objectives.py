@@ -96,18 +96,18 @@ def test_penalized_pass_resumes_with_its_optimizer(tmp_path, monkeypatch, object
         torch.testing.assert_close(resumed.layers[name].score, factors.score)
 
 
-def test_unknown_objective_is_one_sentence(monkeypatch, capsys, tmp_path):
+def test_unknown_objective_is_one_sentence(tmp_path):
     with pytest.raises(HfCompressError, match="objective must be one of"):
         AcipConfig(objective="magic")
-    code, _, err = run_cli(monkeypatch, capsys, "compress", "demo", "--objective", "magic", "--output", tmp_path / "c")
+    code, _, err = run_cli("compress", "demo", "--objective", "magic", "--output", tmp_path / "c")
     assert code == 1 and "objective must be one of" in err and not (tmp_path / "c").exists()
 
 
-def test_objective_from_the_cli_is_recorded(monkeypatch, capsys, tmp_path, tokenizer):
+def test_objective_from_the_cli_is_recorded(tmp_path, tokenizer):
     source = tmp_path / "tiny"
     tiny_model().save_pretrained(source)
     tokenizer.save_pretrained(source)
-    code, _, err = run_cli(monkeypatch, capsys, "compress", source, "--output", tmp_path / "c", "--objective", "acip",
+    code, _, err = run_cli("compress", source, "--output", tmp_path / "c", "--objective", "acip",
                            "--max-steps", 4, "--seq-len", 32, "--batch-size", 4)
     assert code in (0, None), err
     from hf_compress import CompressibleModel

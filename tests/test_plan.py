@@ -58,15 +58,15 @@ def test_meta_model_reads_no_weights(tmp_path):
     assert next(meta_model(str(tmp_path)).parameters()).device.type == "meta"
 
 
-def test_plan_and_dry_run_on_the_cli(monkeypatch, capsys, tmp_path):
+def test_plan_and_dry_run_on_the_cli(tmp_path):
     tiny_model().config.save_pretrained(tmp_path / "model")
-    code, _, err = run_cli(monkeypatch, capsys, "plan", tmp_path / "model", "--batch-size", 8)
+    code, _, err = run_cli("plan", tmp_path / "model", "--batch-size", 8)
     assert code in (0, None) and "pass" in err and "fits" in err
-    code, _, err = run_cli(monkeypatch, capsys, "plan", tmp_path / "model", "--device", "cuda", "--memory", "1KB")
+    code, _, err = run_cli("plan", tmp_path / "model", "--device", "cuda", "--memory", "1KB")
     assert code in (0, None) and "does not fit" in err
-    code, _, err = run_cli(monkeypatch, capsys, "plan", tmp_path / "model", "--num-processes", 2, "--fsdp")
+    code, _, err = run_cli("plan", tmp_path / "model", "--num-processes", 2, "--fsdp")
     assert code in (0, None) and "2 process(es) FSDP" in err
-    code, _, err = run_cli(monkeypatch, capsys, "compress", tmp_path / "model", "-o", tmp_path / "out", "--dry-run")
+    code, _, err = run_cli("compress", tmp_path / "model", "-o", tmp_path / "out", "--dry-run")
     assert code in (0, None) and "whitening + SVD" in err and not (tmp_path / "out").exists()
-    code, _, err = run_cli(monkeypatch, capsys, "plan", tmp_path / "missing")
+    code, _, err = run_cli("plan", tmp_path / "missing")
     assert code == 1 and "cannot load model" in err

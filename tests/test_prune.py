@@ -95,10 +95,10 @@ def test_activation_needs_data():
         prune(tiny_model(), None, ratio=0.5, show_progress=False)
 
 
-def test_cli_prune_writes_a_plain_checkpoint_with_a_card(monkeypatch, capsys, tmp_path, tokenizer):
+def test_cli_prune_writes_a_plain_checkpoint_with_a_card(tmp_path, tokenizer):
     tiny_model().save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
-    code, _, err = run_cli(monkeypatch, capsys, "prune", tmp_path / "tiny", "--ratio", 0.5, "--heads-ratio", 0.5,
+    code, _, err = run_cli("prune", tmp_path / "tiny", "--ratio", 0.5, "--heads-ratio", 0.5,
                            "--seq-len", 32, "--windows", 4, "--output", tmp_path / "pruned")
     assert code in (0, None) and "same architecture, no remote code" in err
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
@@ -109,13 +109,13 @@ def test_cli_prune_writes_a_plain_checkpoint_with_a_card(monkeypatch, capsys, tm
     assert reloaded.model.layers[0].mlp.up_proj.out_features == 48
 
 
-def test_cli_magnitude_prune_needs_no_data_and_bad_input_leaves_nothing(monkeypatch, capsys, tmp_path):
+def test_cli_magnitude_prune_needs_no_data_and_bad_input_leaves_nothing(tmp_path):
     tiny_model().save_pretrained(tmp_path / "tiny")  # no tokenizer: magnitude does not read text
-    code, _, err = run_cli(monkeypatch, capsys, "prune", tmp_path / "tiny", "--ratio", 0.5, "--method", "magnitude",
+    code, _, err = run_cli("prune", tmp_path / "tiny", "--ratio", 0.5, "--method", "magnitude",
                            "--output", tmp_path / "pruned")
     assert code in (0, None), err
     assert "magnitude pruning is data-free" in (tmp_path / "pruned" / "README.md").read_text()
-    code, _, err = run_cli(monkeypatch, capsys, "prune", tmp_path / "tiny", "--ratio", 0, "--output", tmp_path / "x")
+    code, _, err = run_cli("prune", tmp_path / "tiny", "--ratio", 0, "--output", tmp_path / "x")
     assert code == 1 and "ratio must be in (0, 1]" in err and not (tmp_path / "x").exists()
 
 
@@ -168,10 +168,10 @@ def test_an_interrupted_torque_run_resumes_and_a_finished_one_is_read_back(tmp_p
             prune(tiny_model(), windows, ratio=ratio, progress_dir=tmp_path, save_every=4, **TORQUE)
 
 
-def test_cli_torque_prune_writes_a_plain_checkpoint_and_removes_its_progress(monkeypatch, capsys, tmp_path, tokenizer):
+def test_cli_torque_prune_writes_a_plain_checkpoint_and_removes_its_progress(tmp_path, tokenizer):
     tiny_model("qwen2").save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
-    code, _, err = run_cli(monkeypatch, capsys, "prune", tmp_path / "tiny", "--ratio", 0.5, "--heads-ratio", 0.5,
+    code, _, err = run_cli("prune", tmp_path / "tiny", "--ratio", 0.5, "--heads-ratio", 0.5,
                            "--method", "torque", "--max-steps", 4, "--batch-size", 2, "--seq-len", 32,
                            "--output", tmp_path / "pruned")
     assert code in (0, None), err

@@ -8,9 +8,9 @@ import textwrap
 import pytest
 import torch
 
-from conftest import COMMON, tiny_data
+from conftest import COMMON, ok, refused, tiny_data
 from test_architectures import reload_without_hf_compress
-from test_compositions import SMALL_EVAL, SMALL_PASS, ok, refused
+from test_compositions import SMALL_EVAL, SMALL_PASS
 
 pytestmark = pytest.mark.slow
 
@@ -52,33 +52,33 @@ def remote(tmp_path_factory, tokenizer):
     return path
 
 
-def test_refused_without_trust(monkeypatch, capsys, remote, tmp_path):
+def test_refused_without_trust(remote, tmp_path):
     for args in (("compress", remote, "--output", tmp_path / "c"), ("plan", remote),
                  ("fold", remote, "--ratio", 0.5, "--output", tmp_path / "f"), ("info", remote)):
-        assert "runs its own modeling code: pass --trust-remote-code" in refused(monkeypatch, capsys, *args)
+        assert "runs its own modeling code: pass --trust-remote-code" in refused(*args)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_every_command_with_trust_then_transformers_alone(monkeypatch, capsys, remote, tmp_path):
+def test_every_command_with_trust_then_transformers_alone(remote, tmp_path):
     from hf_compress import CompressibleModel, load_model
 
     compressible, small, folded = tmp_path / "acip", tmp_path / "small", tmp_path / "folded"
-    ok(monkeypatch, capsys, "plan", remote, TRUST)
-    ok(monkeypatch, capsys, "compress", remote, "--output", compressible, *SMALL_PASS, TRUST)
+    ok("plan", remote, TRUST)
+    ok("compress", remote, "--output", compressible, *SMALL_PASS, TRUST)
     assert (compressible / "modeling_tiny_remote.py").is_file()  # the dense base keeps its code
-    assert "runs its own modeling code" in refused(monkeypatch, capsys, "materialize", compressible,
+    assert "runs its own modeling code" in refused("materialize", compressible,
                                                   "--size-ratio", 0.6, "--output", small)
-    ok(monkeypatch, capsys, "info", compressible, TRUST)
-    ok(monkeypatch, capsys, "eval", compressible, "--size-ratios", "0.6", *SMALL_EVAL, TRUST)
-    ok(monkeypatch, capsys, "materialize", compressible, "--size-ratio", 0.6, "--output", small, TRUST)
-    ok(monkeypatch, capsys, "fold", remote, "--ratio", 0.5, "--layers", "0=0.75,1", "--output", folded, TRUST)
-    ok(monkeypatch, capsys, "quantize", small, "--method", "int8", "--output", tmp_path / "q", TRUST)
+    ok("info", compressible, TRUST)
+    ok("eval", compressible, "--size-ratios", "0.6", *SMALL_EVAL, TRUST)
+    ok("materialize", compressible, "--size-ratio", 0.6, "--output", small, TRUST)
+    ok("fold", remote, "--ratio", 0.5, "--layers", "0=0.75,1", "--output", folded, TRUST)
+    ok("quantize", small, "--method", "int8", "--output", tmp_path / "q", TRUST)
     for path in (small, folded):
         config = json.loads((path / "config.json").read_text())
         assert config["auto_map"]["AutoConfig"] == "configuration_tiny_remote.TinyRemoteConfig"  # the source's, kept
         assert config["hf_compress"]["base_code"] == "modeling_tiny_remote.TinyRemoteForCausalLM"
-        assert "runs its own modeling code" in refused(monkeypatch, capsys, "info", path)
-        report = json.loads(ok(monkeypatch, capsys, "info", path, "--json", TRUST)[0])
+        assert "runs its own modeling code" in refused("info", path)
+        report = json.loads(ok("info", path, "--json", TRUST)[0])
         assert report["architecture"] == "TinyRemoteForCausalLM"
     assert json.loads((small / "config.json").read_text())["hf_compress"]["ranks"]
 

@@ -116,15 +116,15 @@ def test_dense_loss_starts_at_zero_and_ranks():
     assert result.summary["history"][-1]["loss"] > 0
 
 
-def test_cli_structure_and_info(monkeypatch, capsys, tmp_path, compressible):
+def test_cli_structure_and_info(tmp_path, compressible):
     compressible.save_pretrained(tmp_path / "c")
-    code, out, err = run_cli(monkeypatch, capsys, "info", tmp_path / "c")
+    code, out, err = run_cli("info", tmp_path / "c")
     assert code == 0 and all(word in out for word in ("MLP", "channels", "head", "groups", "removed"))
-    code, _, err = run_cli(monkeypatch, capsys, "materialize", tmp_path / "c", "--size-ratio", "0.6",
+    code, _, err = run_cli("materialize", tmp_path / "c", "--size-ratio", "0.6",
                            "--structure", "svd", "--output", tmp_path / "svd")
     assert code == 0, err
     config = json.loads((tmp_path / "svd" / "config.json").read_text())["hf_compress"]
     assert config["shapes"] == {} and config["removed"] == {"mlp_channels": 0, "head_groups": 0}
-    code, _, err = run_cli(monkeypatch, capsys, "materialize", tmp_path / "c", "--size-ratio", "0.6",
+    code, _, err = run_cli("materialize", tmp_path / "c", "--size-ratio", "0.6",
                            "--structure", "blocks", "--output", tmp_path / "bad")
     assert code == 1 and "structure must be one of" in err and not (tmp_path / "bad").exists()
