@@ -16,6 +16,25 @@ pytestmark = pytest.mark.integration
 RATIOS = (0.8, 0.4)
 
 
+def generate_without_hf_compress(path: Path, remote_code: bool = True, check: str = "") -> str:
+    """Text the checkpoint at `path` generates in a fresh process with only torch and transformers
+    (`check`: a line of Python run on `model` first)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_compress"] = None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained("{path}")
+        model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code={remote_code})
+        {check}
+        ids = tok("The for statement in Python", return_tensors="pt").input_ids
+        new = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+        print(tok.decode(new, skip_special_tokens=True))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                          cwd=path.parent, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return done.stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def compressible(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "acip"
@@ -36,20 +55,7 @@ def test_materialize_reload_in_fresh_process_and_generate(compressible, tmp_path
     report = json.loads(ok("info", out, "--json")[0])
     # At or below the ratio, and below it by at most one kept value of the widest layer.
     assert ratio - 2112 / report["target_dense_params"] <= report["size_ratio"] <= ratio
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["hf_compress"] = None  # only torch + transformers
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained("{out}")
-        model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)
-        ids = tok("The for statement in Python", return_tensors="pt").input_ids
-        new = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
-        print(tok.decode(new, skip_special_tokens=True))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
-                          cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert done.stdout.strip()
+    assert generate_without_hf_compress(out)
 
 
 def test_fsdp_pass_in_two_processes_then_materialize_from_disk(tmp_path):
@@ -90,18 +96,7 @@ def test_fold_demo_reload_without_remote_code_and_generate(folded):
     assert config["intermediate_size"] == 1382 and "auto_map" not in config
     report = json.loads(ok("info", out, "--json")[0])
     assert 0.9 < report["size_ratio"] < 0.95
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["hf_compress"] = None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained("{out}")
-        model = AutoModelForCausalLM.from_pretrained("{out}")
-        ids = tok("The for statement", return_tensors="pt").input_ids
-        print(tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0]))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert done.stdout.strip()
+    assert generate_without_hf_compress(out, remote_code=False)
 
 
 def test_the_global_allocation_beats_folding_every_block_alike(folded):
@@ -125,19 +120,8 @@ def test_quantized_size_within_a_byte_budget_reloads_without_hf_compress(compres
     report = json.loads(ok("info", out, "--json")[0])
     assert report["model_bytes"] <= 150 * 2**20 and report["quantization"]["method"] == "nf4"
     assert report["width_multiple"] == 64
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["hf_compress"] = None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained("{out}")
-        model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)
-        assert any(type(getattr(m, "proj_in", None)).__name__ == "Linear4bit" for m in model.modules())  # factors
-        ids = tok("The for statement", return_tensors="pt").input_ids
-        print(tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0]))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert done.stdout.strip()
+    factors = 'assert any(type(getattr(m, "proj_in", None)).__name__ == "Linear4bit" for m in model.modules())'
+    assert generate_without_hf_compress(out, check=factors)
     ok("eval", out, "--max-windows", 1, "--seq-len", 128)
     card = (out / "README.md").read_text()
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "nf4" in card and "perplexity" in card.lower()
@@ -159,8 +143,8 @@ def test_demo_fold_compress_materialize_quantize_from_disk(folded, tmp_path):
 def test_memory_plan_is_within_15_percent_of_the_measured_peaks_on_the_demo(tmp_path):
     """bench/scale.py measures each stage's peak resident memory during a real pass on the demo."""
     bench = Path(__file__).parents[1] / "bench" / "scale.py"
-    subprocess.run([sys.executable, str(bench), "--model", "demo", "--steps", "1", "--output", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(bench), "--model", "demo", "--steps", "1", "--seq-len", "128",
+                    "--whitening-windows", "8", "--output", str(tmp_path)], check=True, capture_output=True)
     report = json.loads((tmp_path / "scale_demo.json").read_text())
     assert set(report["stages"]) == {"whitening + SVD", "pass", "materialize"}
     for stage, row in report["stages"].items():
