@@ -38,3 +38,10 @@ def test_quantize_benchmark_runs_in_reduced_form(tiny_checkpoint, tmp_path):
     assert {"dense fp32", "dense nf4", "ACIP 0.6 nf4", "fold 0.9 nf4"} <= set(results["results"])
     assert results["results"]["dense nf4"]["bytes"] < 0.4 * results["results"]["dense fp32"]["bytes"]
     assert (tmp_path / "quantize_demo.png").is_file()
+
+
+def test_step_time_benchmark_runs_in_reduced_form(tiny_checkpoint, tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "units_step_time.py"), "--model", str(tiny_checkpoint), "--steps", "4",
+                    "--repeats", "1", "--out", str(tmp_path)], check=True, capture_output=True)
+    results = json.loads((tmp_path / "units_step_time.json").read_text())
+    assert set(results["median_step_seconds"]) == {"values", "channels"} and results["channels_over_values"] > 0
