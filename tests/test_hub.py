@@ -3,6 +3,7 @@ huggingface_hub client uploads it in one commit, here to an in-process fake Hub.
 says why in one sentence and leaves the local directory as it was."""
 
 import base64
+import hashlib
 import json
 
 import pytest
@@ -20,19 +21,21 @@ COMMIT = "a" * 40
 
 
 class FakeHub:
-    """The endpoints a push uses, answered in-process; every request is kept. `fail`: 'network'
-    (no connection at all) or 'refused' (the Hub rejects the token)."""
+    """The endpoints a push uses, answered in-process; every request is kept, every commit made
+    (`made`) and the files they hold (`files`). `fail`: 'network' (no connection at all), 'refused' (the Hub rejects the
+    token) or 'second commit' (the connection drops at the second commit)."""
 
     def __init__(self):
-        self.requests, self.fail = [], None
+        self.requests, self.fail, self.files, self.made = [], None, {}, []
 
     def __call__(self, request):
         import httpx2
 
         self.requests.append(request)
-        if self.fail == "network":
-            raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
         path = request.url.path
+        commits = sum(r.url.path.endswith("/commit/main") for r in self.requests)
+        if self.fail == "network" or (self.fail == "second commit" and path.endswith("/commit/main") and commits == 2):
+            raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
         if path == "/api/models/some-org/tiny-llama":  # the source's metadata: its license
             return httpx2.Response(200, json={"id": "some-org/tiny-llama", "cardData": {"license": "mit"}})
         if path == "/api/repos/create" and self.fail != "refused":
@@ -42,21 +45,38 @@ class FakeHub:
         if path == f"/api/models/{REPO}/preupload/main":  # small files go in the commit itself, no LFS
             files = json.loads(request.content)["files"]
             return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
-                                                         "shouldIgnore": False} for f in files]})
+                                                         "shouldIgnore": False, "oid": git_oid(self.files.get(
+                                                             f["path"]))} for f in files]})
         if path == f"/api/models/{REPO}/commit/main":
+            self.files |= self.committed(request)
+            self.made.append(request)
             return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{REPO}/commit/{COMMIT}",
                                               "commitOid": COMMIT})
+        if path == f"/api/models/{REPO}/revision/main":  # asked when a commit would change nothing
+            return httpx2.Response(200, json={"id": REPO, "sha": COMMIT})
         if self.fail == "refused":
             return httpx2.Response(401, json={"error": "Invalid username or password."})
         return httpx2.Response(404, json={"error": "Repository not found"})
 
+    def commits(self) -> list[tuple[str, dict[str, bytes]]]:
+        """The message and the uploaded files of every commit made."""
+        return [(json.loads(r.content.splitlines()[0])["value"]["summary"], self.committed(r)) for r in self.made]
+
     def commit(self) -> tuple[str, dict[str, bytes]]:
         """The commit message and the uploaded files of the one commit sent."""
-        [request] = [r for r in self.requests if r.url.path.endswith("/commit/main")]
+        [commit] = self.commits()
+        return commit
+
+    @staticmethod
+    def committed(request) -> dict[str, bytes]:
         lines = [json.loads(line) for line in request.content.splitlines()]
-        files = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines
-                 if line["key"] == "file"}
-        return lines[0]["value"]["summary"], files
+        return {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines
+                if line["key"] == "file"}
+
+
+def git_oid(content: bytes | None) -> str | None:
+    """The git blob id the Hub reports for a file it holds."""
+    return None if content is None else hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 @pytest.fixture
@@ -120,6 +140,23 @@ def test_push_uploads_the_directory_and_its_card_in_one_commit(folded_dir, hub):
     assert json.loads(create.content) == {"name": "tiny-folded", "organization": "me", "visibility": "private",
                                           "type": "model"}
     assert create.headers["authorization"] == "Bearer hf_test_token"
+    assert snapshot(folded_dir) == before
+
+
+def test_a_large_push_goes_in_commits_and_an_interrupted_one_resumes(folded_dir, hub):
+    before = snapshot(folded_dir)
+    hub.fail = "second commit"
+    with pytest.raises(HfCompressError, match="check the network connection; rerun the same command to resume"):
+        push(folded_dir, REPO, commit_bytes=1)  # one file a commit
+    [(message, first)] = hub.commits()
+    assert len(first) == 1 and message == f"Upload with hf-compress (1/{len(before) - 1})"  # the card comes last
+    hub.fail, sent = None, len(hub.requests)
+    plan = push(folded_dir, REPO, commit_bytes=1)
+    resumed = [files for _, files in hub.commits()[1:]]
+    assert plan["commits"] == len(before) - 1 and len(resumed) == plan["commits"] - 1  # the first is not sent again
+    assert not set(first) & {name for files in resumed for name in files}
+    assert set(hub.files) == set(before) and all(hub.files[n] == before[n] for n in before if n != "README.md")
+    assert "README.md" in resumed[-1] and any(r.url.path.endswith("/revision/main") for r in hub.requests[sent:])
     assert snapshot(folded_dir) == before
 
 

@@ -136,7 +136,8 @@ def push(
     token: Annotated[Optional[str], typer.Option(help="Hub token (default: the one `hf auth login` "
                                                       "stored).")] = None,
 ):
-    """Upload a directory to the Hub in one commit, with a model card made from what it records."""
+    """Upload a directory to the Hub with a model card made from what it records: one commit, or one per
+    5 GiB of files, so that an interrupted push resumes when rerun."""
     from ..hub import push as push_directory
 
     plan = push_directory(path, repo_id, private=private, dry_run=dry_run, token=token)
@@ -144,8 +145,9 @@ def push(
         print(plan["card"])
     card = "its own README.md" if plan["own_card"] else "a generated model card"
     where = plan.get("url", f"{repo_id} (dry run, nothing uploaded)")
+    commits = f" in {plan['commits']} commits (rerun to resume if interrupted)" if plan["commits"] > 1 else ""
     console.print(f"[green]{'would push' if dry_run else 'pushed'}[/green] {len(plan['files'])} files with {card} "
-                  f"to {where}", highlight=False)
+                  f"to {where}{commits}", highlight=False)
 
 
 def parse_ratios(text: str) -> list[float]:
