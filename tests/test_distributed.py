@@ -2,6 +2,7 @@
 does."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import ok
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +73,17 @@ def test_two_processes_train_and_prune_under_torque_as_one_does(tmp_path, one_pr
     assert single.keys() == double.keys()
     for name, weight in single.items():
         torch.testing.assert_close(double[name], weight, rtol=0, atol=1e-4)
+
+
+def test_fsdp_pass_from_the_cli_then_materialize_from_disk(tiny_checkpoint, tmp_path):
+    """What a user without a GPU runs for FSDP; the sharded pass's output is an ordinary one."""
+    out = tmp_path / "acip"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", ACCELERATE_USE_FSDP="true", OMP_NUM_THREADS="1")
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29511, "-m", "hf_compress",
+            "compress", tiny_checkpoint, "--output", out, "--max-steps", 3, "--seq-len", 32, "--batch-size", 2,
+            "--whitening-windows", 4]
+    subprocess.run([sys.executable, *map(str, args)], check=True, capture_output=True, env=env)
+    summary = json.loads((out / "acip.json").read_text())["summary"]
+    assert summary["fsdp"] and summary["num_processes"] == 2
+    ok("materialize", out, "--size-ratio", 0.6, "--output", tmp_path / "m")
+    assert json.loads(ok("info", tmp_path / "m", "--json")[0])["size_ratio"] <= 0.6

@@ -2,7 +2,6 @@
 this process; every checkpoint is reloaded in a fresh one)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -56,20 +55,6 @@ def test_materialize_reload_in_fresh_process_and_generate(compressible, tmp_path
     # At or below the ratio, and below it by at most one kept value of the widest layer.
     assert ratio - 2112 / report["target_dense_params"] <= report["size_ratio"] <= ratio
     assert generate_without_hf_compress(out)
-
-
-def test_fsdp_pass_in_two_processes_then_materialize_from_disk(tmp_path):
-    """What a user without a GPU runs for FSDP; the sharded pass's output is an ordinary one."""
-    out = tmp_path / "acip"
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", ACCELERATE_USE_FSDP="true", OMP_NUM_THREADS="1")
-    args = ["-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29511, "-m", "hf_compress",
-            "compress", "demo", "--output", out, "--max-steps", 3, "--seq-len", 32, "--batch-size", 2,
-            "--whitening-windows", 4, "--include", r"layers\.[01]\..*_proj$"]  # two blocks: the sharding is the point
-    subprocess.run([sys.executable, *map(str, args)], check=True, capture_output=True, env=env)
-    summary = json.loads((out / "acip.json").read_text())["summary"]
-    assert summary["fsdp"] and summary["num_processes"] == 2
-    ok("materialize", out, "--size-ratio", 0.6, "--output", tmp_path / "m")
-    assert json.loads(ok("info", tmp_path / "m", "--json")[0])["size_ratio"] <= 0.6
 
 
 def test_eval_sweep_with_the_builtin_lm_eval_task(compressible, tmp_path):
