@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cards import CARD_FILE, HUB_ID, describe, is_generated, model_card
-from .errors import HfCompressError
-from .loading import first_line
+from .errors import HfCompressError, first_line
 
 COMMIT_BYTES = 5 * 2**30  # at most this much data in one commit of a large push
 

@@ -1,16 +1,18 @@
-"""Write whole directories or nothing: users never see a half-written output."""
+"""Write whole directories or nothing: users never see a half-written output; resumable states
+are written whole and read back without unpickling code."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .errors import HfCompressError
+from .errors import HfCompressError, first_line
 
 
 def check_output(path: str | Path, overwrite: bool) -> Path:
@@ -58,3 +60,12 @@ def atomic_save(payload, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
+
+
+def read_state(path: Path) -> dict:
+    """A state `atomic_save` wrote, read without unpickling code (tensors and plain data only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise HfCompressError(f"{path} is not a state hf-compress can read ({first_line(err)}); pass --overwrite to "
+                              "start afresh") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .errors import HfCompressError
+from .errors import HfCompressError, first_line
 from .formats import model_class_for, untrusted_code
 from .io import atomic_dir, umask
 
@@ -229,10 +229,6 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
         raise HfCompressError(f"size must look like 60MB, 60MiB or 1.5GB, got '{text}'")
     return int(float(match.group(1)) * units[match.group(2).upper()])
-
-
-def first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def read_json(path: Path, what: str) -> dict:

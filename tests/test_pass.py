@@ -1,5 +1,7 @@
 """The ACIP pass: schedule, score map, determinism, LoRA, stopping, resuming, bad input."""
 
+import os
+
 import pytest
 import torch
 
@@ -105,12 +107,34 @@ def test_interrupted_pass_resumes_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(Saliency, "step", crash_on_step_eight)
     with pytest.raises(KeyboardInterrupt):
         acip(tiny_model(), tiny_data(), progress_dir=tmp_path, **settings)
-    assert torch.load(tmp_path / train.PROGRESS_FILE, weights_only=False)["state"]["step"] == 6
+    assert torch.load(tmp_path / train.PROGRESS_FILE, weights_only=True)["state"]["step"] == 6
     monkeypatch.setattr(Saliency, "step", real_step)
     resumed = acip(tiny_model(), tiny_data(), progress_dir=tmp_path, **settings)
     assert resumed.summary["steps"] == uninterrupted.summary["steps"]
     for name, factors in uninterrupted.layers.items():
         torch.testing.assert_close(resumed.layers[name].score, factors.score)
+
+
+class RunsCode:
+    """What a tampered progress file could hold: unpickling it would run a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("content", ["code", "garbage"])
+def test_a_progress_file_is_read_as_data_only(tmp_path, content):
+    path = tmp_path / train.PROGRESS_FILE
+    if content == "code":
+        torch.save({"config": {}, "state": RunsCode(tmp_path / "ran")}, path)
+    else:
+        path.write_bytes(b"not a torch file")
+    with pytest.raises(HfCompressError, match="is not a state hf-compress can read .*; pass --overwrite"):
+        acip(tiny_model(), tiny_data(), max_steps=4, batch_size=4, progress_dir=tmp_path, show_progress=False)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

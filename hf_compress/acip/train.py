@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..formats import source_of, source_sizes
 from ..errors import HfCompressError
-from ..io import atomic_save
+from ..io import atomic_save, read_state
 from ..layers import LayerShape, decoder_blocks, expert_params, find_targets, require_dense
 from ..training import (StageMeter, check_launch, checkpointed_blocks, cycle_batches, fsdp_requested,
                         shuffled, training_copy)
@@ -335,7 +335,7 @@ def _save_progress(accelerator, path: Path, config, model, layers, optimizer, ob
 
 
 def _load_progress(path: Path, config: AcipConfig) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = read_state(path)
     if payload["config"] != config.to_dict() or "objective" not in payload:  # other settings, or an older format
         raise HfCompressError(
             f"{path.parent} holds a pass with other settings; pass --overwrite to start afresh"

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfCompressError
-from ..io import atomic_save
+from ..io import atomic_save, read_state
 from ..layers import decoder_blocks
 from ..quantize import width_multiple
 from ..training import checkpointed_blocks, cycle_batches, fsdp_requested, shuffled
@@ -219,7 +219,7 @@ def _save(accelerator, path: Path, settings, weights, optimizer, groups, state) 
 
 
 def _read(path: Path, settings: dict) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = read_state(path)
     if payload["settings"] != settings:
         raise HfCompressError(f"{path.parent} holds a torque run with other settings or data (ratio, steps, lr, "
                               "strength, batch, seed); pass --overwrite to start afresh")
