@@ -56,10 +56,11 @@ def is_generated(card: Path) -> bool:
     return not card.is_file() or MARKER in card.read_text()
 
 
-def model_card(path: str | Path, name: str | None = None):
+def model_card(path: str | Path, name: str | None = None, online: bool = True):
     """The `huggingface_hub.ModelCard` of a directory hf-compress wrote. `name`: the Hub repo id
     the card is for, or a directory name (default: the directory's own; writers pass their
-    output's, as they write into a temporary directory)."""
+    output's, as they write into a temporary directory). `online=False`: no network at all (the
+    source's license is not looked up on the Hub)."""
     from huggingface_hub import ModelCard, ModelCardData
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -68,7 +69,7 @@ def model_card(path: str | Path, name: str | None = None):
     repo_id = name if HUB_ID.match(name) else None
     about = describe(path)
     info, results = about["info"], about["results"]
-    origin = _origin(info.get("source"))
+    origin = _origin(info.get("source"), online)
     params, quantization = _checkpoint_facts(path) if about["kind"] == "checkpoint" else (None, None)
     tags = [tag for tag in ("hf-compress", info.get("method")) if tag]
     tags += ["bitsandbytes", quantization["method"]] if quantization else []
@@ -109,12 +110,12 @@ def update_card(path: str | Path) -> bool:
     return True
 
 
-def _origin(source: str | None) -> dict:
+def _origin(source: str | None, online: bool = True) -> dict:
     """base_model, license and a note on what the source is, when the source is known upstream."""
     if source in BUNDLED:
         return dict(BUNDLED[source].origin)
     if source and HUB_ID.match(source) and not Path(source).exists():
-        return {"base_model": source, "license": _hub_license(source)}
+        return {"base_model": source, "license": _hub_license(source) if online else None}
     return {}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import warnings
 from pathlib import Path
 
@@ -61,6 +62,19 @@ class _WritesModelingFile:
 
 
 @functools.cache
+def written_by_hf_compress(path: Path) -> bool:
+    """A directory hf-compress wrote (a compressible directory, or a checkpoint whose config holds
+    the hf_compress record), or an empty one: what `--overwrite` may replace."""
+    if not path.is_dir():
+        return False
+    if (path / META_FILE).is_file() or not any(path.iterdir()):
+        return True
+    try:
+        return "hf_compress" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def compressed_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """The class the exported modeling file defines, built from the package for `base`. It is no
     auto class of its own (a remote-code base is one), so transformers copies no file for it."""

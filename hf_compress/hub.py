@@ -82,7 +82,7 @@ def push(path: str | Path, repo_id: str, private: bool = False, dry_run: bool = 
     for file in describe(path)["weights"]:
         _check_safetensors(file)
     own_card = not is_generated(path / CARD_FILE)
-    card = (path / CARD_FILE).read_text() if own_card else str(model_card(path, repo_id))
+    card = (path / CARD_FILE).read_text() if own_card else str(model_card(path, repo_id, online=not dry_run))
     names = (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     files = sorted(name for name in names
                    if name != CARD_FILE and not any(part.startswith(".") for part in name.split("/")))

@@ -90,6 +90,22 @@ def test_existing_output_needs_overwrite(compressible_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary leftovers
 
 
+def test_overwrite_replaces_only_what_hf_compress_wrote(compressible_dir, tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    tiny_model().save_pretrained(mine / "model")  # a checkpoint, but not one of ours
+    for output in (mine, mine / "model", "."):
+        monkeypatch.chdir(mine)
+        code, _, err = run_cli("materialize", compressible_dir, "--size-ratio", 0.5, "--output", output, "--overwrite")
+        assert code == 1 and "was not written by hf-compress, so --overwrite does not replace it" in error_line(err)
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "model" / "config.json").is_file()
+    code, _, _ = run_cli("fold", mine / "model", "--ratio", 0.5, "--layers", "all", "--output", mine / "folded")
+    code, _, _ = run_cli("fold", mine / "model", "--ratio", 0.75, "--layers", "all", "--output", mine / "folded",
+                         "--overwrite")  # ours: replaced
+    assert code in (0, None) and json.loads((mine / "folded" / "config.json").read_text())["intermediate_size"] == 72
+
+
 def test_fold_with_per_block_ratios(tmp_path):
     tiny_model().save_pretrained(tmp_path / "tiny")
     code, _, err = run_cli("fold", tmp_path / "tiny", "--ratio", 0.5, "--layers", "0=0.75,1",

@@ -124,6 +124,14 @@ def test_dry_run_prints_the_card_for_the_repo_and_uploads_nothing(folded_dir):
     assert snapshot(folded_dir) == before  # the local card keeps its local name
 
 
+def test_a_dry_run_makes_no_network_call(folded_dir, hub):
+    hub.fail = "network"  # any request would fail, and is recorded
+    plan = push(folded_dir, REPO, dry_run=True)
+    assert hub.requests == [] and "url" not in plan
+    card = ModelCard(plan["card"])
+    assert card.data.base_model == "some-org/tiny-llama" and card.data.license is None  # not looked up
+
+
 def test_push_uploads_the_directory_and_its_card_in_one_commit(folded_dir, hub):
     before = snapshot(folded_dir)
     plan = push(folded_dir, REPO, private=True)

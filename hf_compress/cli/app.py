@@ -23,6 +23,18 @@ def config_from(cls, parameters: dict, **values):
     return cls(**{name: value for name, value in parameters.items() if name in names} | values)
 
 
+def check_output_dir(output: Path, overwrite: bool) -> None:
+    """An existing output is replaced only with --overwrite, and only if hf-compress wrote it:
+    `--output . --overwrite` must not delete the user's working directory."""
+    from ..formats import written_by_hf_compress  # inside: importing it imports torch (start-up)
+    from ..io import check_output
+
+    check_output(output, overwrite)
+    if output.exists() and not written_by_hf_compress(output):
+        raise HfCompressError(f"{output} was not written by hf-compress, so --overwrite does not replace it; choose "
+                              "another --output")
+
+
 def check_ratio(value: float, allow_one: bool = True) -> None:
     if not (0 < value < 1 or (allow_one and value == 1)):
         raise HfCompressError(f"ratio must be in (0, 1{']' if allow_one else ')'}, got {value}")

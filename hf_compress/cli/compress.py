@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import HfCompressError
-from .app import app, check_ratio, config_from, console, progress_dir
+from .app import app, check_output_dir, check_ratio, config_from, console, progress_dir
 from .options import (MODEL_HELP, BatchSize, Dataset, DatasetConfig, DatasetSplit, Device, DryRun, Dtype,
                       GradientCheckpointing, LoraRank, MaxSteps, Model, Output, Overwrite, SaveEvery, Seed, SeqLen,
                       TextColumn, TrustRemoteCode, WhiteningWindows)
@@ -77,7 +77,6 @@ def compress(
     from ..acip import AcipConfig, acip
     from ..training import clear_progress, fsdp_requested
     from ..data import calibration_data
-    from ..io import check_output
     from ..loading import load_model, process_state, resolve_device, resolve_dtype
 
     if dry_run:
@@ -85,7 +84,7 @@ def compress(
                           num_processes=process_state().num_processes, fsdp=fsdp_requested(process_state()),
                           whitening_windows=whitening_windows,
                           lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
-    check_output(output, overwrite)
+    check_output_dir(output, overwrite)
     check_ratio(stop_ratio, allow_one=False)
     if device not in (None, "auto", "cpu"):
         raise HfCompressError("the pass runs where Accelerate puts it: --device takes only cpu or auto; "

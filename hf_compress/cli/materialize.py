@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import HfCompressError
-from .app import app, check_quantize, check_ratio, console, load, load_compressible, mib, quantized_note, ratio_within_loss
+from .app import (app, check_output_dir, check_quantize, check_ratio, console, load, load_compressible, mib,
+                  quantized_note, ratio_within_loss)
 from .options import (MODEL_HELP, Compensate, Dataset, Device, Dtype, MaxLossIncrease, Output, Overwrite, Quantize,
                       QuantizeHead, SeqLen, SizeRatio, SpeedAware, Structure, TrustRemoteCode, Windows)
 
@@ -36,7 +37,6 @@ def materialize(
 ):
     """Write a checkpoint of a size, byte budget or loss budget that AutoModelForCausalLM loads."""
     from ..checkpoint import save_checkpoint
-    from ..io import check_output
     from ..loading import parse_size
 
     if sum(x is not None for x in (size_ratio, max_size, max_loss_increase)) != 1:
@@ -45,7 +45,7 @@ def materialize(
         check_ratio(size_ratio)
     max_bytes = None if max_size is None else parse_size(max_size)
     check_quantize(quantize)
-    check_output(output, overwrite)
+    check_output_dir(output, overwrite)
     compressible = load_compressible(path, device, dtype, trust_remote_code)
     search = None
     if max_loss_increase is not None:
@@ -82,11 +82,10 @@ def quantize_command(
 ):
     """Quantize a model with bitsandbytes; the checkpoint reloads with plain transformers."""
     from ..checkpoint import save_checkpoint
-    from ..io import check_output
     from ..quantize import quantize
 
     check_quantize(method)
-    check_output(output, overwrite)
+    check_output_dir(output, overwrite)
     net, tokenizer = load(model, device, dtype, trust_remote_code)
     quantized = quantize(net, method, quantize_head)
     save_checkpoint(quantized, tokenizer, output, overwrite=overwrite)

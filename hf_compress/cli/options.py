@@ -17,7 +17,9 @@ SPEED_HELP = ("Keep a layer dense, within the same size, where its two factors w
 
 Model = Annotated[str, typer.Argument(help=MODEL_HELP)]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write.")]
-Overwrite = Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (and discard an unfinished run).")]
+Overwrite = Annotated[bool, typer.Option(
+    help="Replace OUTPUT if it exists and hf-compress wrote it (anything else is refused), and discard an unfinished "
+         "run.")]
 Device = Annotated[Optional[str], typer.Option(
     help="cpu, cuda, cuda:N (default: what Accelerate picks, the GPU when there is one). Training (compress, "
          "prune --method torque) takes cpu or auto only: pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch.")]

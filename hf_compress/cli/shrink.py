@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import HfCompressError
-from .app import app, config_from, console, load, mib, progress_dir, quantized_note
+from .app import app, check_output_dir, config_from, console, load, mib, progress_dir, quantized_note
 from .options import (BatchSize, Dataset, DatasetConfig, DatasetSplit, Device, Dtype, GradientCheckpointing,
                       HeadsRatio, Layers, MaxSteps, Model, Output, Overwrite, Quantize, QuantizeHead, Ratio,
                       SaveEvery, Seed, SeqLen, TextColumn, TrustRemoteCode, Windows)
@@ -35,10 +35,9 @@ def fold_command(
     """Fold a model data-free into a smaller one of the same architecture."""
     from ..checkpoint import save_checkpoint
     from ..shrink import FoldConfig, fold
-    from ..io import check_output
 
     config = config_from(FoldConfig, locals(), layers=parse_layers(layers, ratio))
-    check_output(output, overwrite)
+    check_output_dir(output, overwrite)
     net, tokenizer = load(model, device, dtype, trust_remote_code)
     start = time.perf_counter()
     net = fold(net, config)
@@ -84,12 +83,11 @@ def prune_command(
     from ..training import clear_progress
     from ..checkpoint import save_checkpoint
     from ..data import calibration_data
-    from ..io import check_output
     from ..loading import process_state
     from ..shrink import PruneConfig, prune
 
     config = config_from(PruneConfig, locals(), layers=parse_layers(layers, ratio))
-    check_output(output, overwrite)
+    check_output_dir(output, overwrite)
     if device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"  # torque trains where Accelerate puts it
     progress = progress_dir(output)  # torque's resumable state, removed when done
