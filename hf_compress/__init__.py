@@ -19,9 +19,9 @@ __all__ = sorted(_HOMES)
 
 
 class _Package(types.ModuleType):
-    """Four public functions (acip, fold, prune, quantize) share their names with submodules,
-    which the import system binds on the package as it loads them: the function keeps the name,
-    as it did when everything was imported eagerly (the submodules stay in sys.modules)."""
+    """Two public functions (acip, quantize) share their names with submodules, which the import
+    system binds on the package as it loads them: the function keeps the name, as it did when
+    everything was imported eagerly (the submodules stay in sys.modules)."""
 
     def __getattr__(self, name):
         if name not in _HOMES:
