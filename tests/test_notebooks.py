@@ -20,6 +20,9 @@ LAST_OUTPUT = {
     "folding": ["with plain transformers; same logits: True", "generated: The for statement in Python"],
 }
 
+# Settings the test changes, for time: every cell still runs.
+UNDER_TEST = {"quickstart": "SIZES = (0.6,)"}
+
 
 @pytest.fixture(scope="module")
 def jupyter_path(tmp_path_factory):
@@ -61,6 +64,9 @@ def test_notebook_runs_to_the_end(name, jupyter_path, tmp_path, monkeypatch):
     # share the cores (a busy CI runner); sleeping instead costs nothing on an idle machine.
     monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    if name in UNDER_TEST:  # after the settings cell, as a user who edits it would
+        nb.cells.insert(next(i for i, c in enumerate(nb.cells) if c.cell_type == "code") + 1,
+                        nbformat.v4.new_code_cell(UNDER_TEST[name]))
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name=KERNEL,
                                      resources={"metadata": {"path": str(tmp_path)}})
     start = time.perf_counter()
