@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 
@@ -104,6 +105,9 @@ def test_overwrite_replaces_only_what_hf_compress_wrote(compressible_dir, tmp_pa
     code, _, _ = run_cli("fold", mine / "model", "--ratio", 0.75, "--layers", "all", "--output", mine / "folded",
                          "--overwrite")  # ours: replaced
     assert code in (0, None) and json.loads((mine / "folded" / "config.json").read_text())["intermediate_size"] == 72
+    shutil.copytree(compressible_dir, mine / "pass")  # a compressible directory is ours too
+    code, _, err = run_cli("materialize", compressible_dir, "--size-ratio", 0.5, "--output", mine / "pass", "--overwrite")
+    assert code in (0, None) and not (mine / "pass" / FACTORS_FILE).exists(), err
 
 
 def test_fold_with_per_block_ratios(tmp_path):
