@@ -75,6 +75,20 @@ def written_by_hf_compress(path: Path) -> bool:
         return False
 
 
+def disk_bytes(directory: Path) -> tuple[int, int]:
+    """Bytes of a checkpoint directory's weight files (safetensors and their index) and of every
+    other file (config, tokenizer, modeling file, card)."""
+    weights = other = 0
+    for path in Path(directory).iterdir():
+        if path.is_file():
+            size = path.stat().st_size
+            if path.name.endswith((".safetensors", ".safetensors.index.json")):
+                weights += size
+            else:
+                other += size
+    return weights, other
+
+
 def compressed_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """The class the exported modeling file defines, built from the package for `base`. It is no
     auto class of its own (a remote-code base is one), so transformers copies no file for it."""

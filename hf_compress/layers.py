@@ -3,6 +3,7 @@ layers are targets, their shapes and dense weights whatever the layer type, byte
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -70,14 +71,57 @@ def logical_numel(tensor: torch.Tensor) -> int:
 
 def tensor_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as a checkpoint stores them (quantization states included,
-    tied weights once)."""
-    seen, total = set(), 0
-    for tensor in model.state_dict().values():
+    tied weights once), without the files' headers (see `files_bytes`)."""
+    return sum(t.nbytes for t in stored_tensors(model))
+
+
+# --- bytes on disk: safetensors files are a JSON header (one entry per tensor) and the data ----------
+
+SHARD_BYTES = 50 * 10**9  # transformers' default max_shard_size
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                torch.uint8: "U8", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a checkpoint as its safetensors header lists it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def entry_bytes(self, offset_digits: int) -> int:
+        """Its header entry, with offsets of at most `offset_digits` digits, and a separator."""
+        shape = ",".join(map(str, self.shape))
+        return len(f'"{self.name}":{{"dtype":"{_DTYPE_NAMES[self.dtype]}","shape":[{shape}],"data_offsets":[,]}},') \
+            + 2 * offset_digits
+
+
+def stored_tensors(model: nn.Module) -> list[StoredTensor]:
+    """What `save_pretrained` writes of a model: its state, tied weights once."""
+    seen, tensors = set(), []
+    for name, tensor in model.state_dict().items():
         key = (tensor.device, tensor.data_ptr(), tensor.nbytes)
-        if tensor.nbytes and key not in seen:
+        if not tensor.nbytes or key not in seen:  # an empty factor (rank 0) is still listed
             seen.add(key)
-            total += tensor.nbytes
-    return total
+            tensors.append(StoredTensor(name, tensor.dtype, tuple(tensor.shape)))
+    return tensors
+
+
+def files_bytes(tensors: list[StoredTensor]) -> int:
+    """Bytes of the safetensors files holding `tensors`, headers included (at most: every offset
+    counted at the largest width), and the index that lists them when they need several shards."""
+    data = sum(t.nbytes for t in tensors)
+    digits = len(str(data))
+    shards = max(1, -(-data // SHARD_BYTES)) + (data > SHARD_BYTES)  # a tensor never straddles two shards
+    per_shard = len('{"__metadata__":{"format":"pt"}}') + 8 + 7  # the length field, padding to 8 bytes
+    header = sum(t.entry_bytes(digits) for t in tensors) + shards * per_shard
+    index = 0 if shards == 1 else 256 + sum(len(t.name) + 40 for t in tensors)  # "name": "model-0000x-of-0000y..."
+    return data + header + index
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

@@ -25,12 +25,12 @@ from transformers.pytorch_utils import Conv1D
 
 from .errors import HfCompressError
 from .formats import mark_compressed, source_of, source_sizes
-from .layers import layer_shape
+from .layers import StoredTensor, layer_shape
 
 METHODS = ("nf4", "fp4", "int8")
 FOUR_BIT_BLOCK = 64  # values per absmax scale, and the input block of the CPU kernel
 FOUR_BIT_ROWS = 32  # output rows per block of the CPU kernel
-QUANT_STATE_BYTES = 96  # a 4-bit layer's code book name and shape, as JSON bytes (upper bound)
+QUANT_STATE_BYTES = 96  # a 4-bit layer's quantization state (type, shape, dtype) as JSON bytes (upper bound)
 
 # bitsandbytes logs this at every int8 matmul on CPU (the docs say it once): keep the terminal readable.
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(
@@ -55,15 +55,22 @@ def fits_kernel(method: str, in_features: int, out_features: int) -> bool:
     return in_features % FOUR_BIT_BLOCK == 0 and out_features % FOUR_BIT_ROWS == 0
 
 
-def linear_bytes(in_features: int, out_features: int, method: str | None, dtype_bytes: int) -> int:
-    """Bytes of a Linear weight in a checkpoint, as bitsandbytes serializes it (bias excluded)."""
+def linear_tensors(name: str, in_features: int, out_features: int, method: str | None,
+                   dtype: torch.dtype) -> list[StoredTensor]:
+    """What a checkpoint stores of the Linear at `name`'s weight (bias excluded), as bitsandbytes
+    serializes it when `method` quantizes it."""
     n = in_features * out_features
     if method is None or not fits_kernel(method, in_features, out_features):
-        return n * dtype_bytes
-    if method == "int8":
-        return n + 4 * out_features + 1  # int8 weight, an fp32 scale per row (SCB), a format byte
-    # packed nibbles, an fp32 absmax per block, the 16-entry fp32 code book, the state's JSON
-    return math.ceil(n / 2) + 4 * math.ceil(n / FOUR_BIT_BLOCK) + 64 + QUANT_STATE_BYTES
+        return [StoredTensor(f"{name}.weight", dtype, (out_features, in_features))]
+    if method == "int8":  # int8 weight, an fp32 scale per row, a format byte
+        return [StoredTensor(f"{name}.weight", torch.int8, (out_features, in_features)),
+                StoredTensor(f"{name}.SCB", torch.float32, (out_features,)),
+                StoredTensor(f"{name}.weight_format", torch.uint8, ())]
+    # packed nibbles, an fp32 absmax per block, the 16-entry fp32 code book, the state as JSON bytes
+    return [StoredTensor(f"{name}.weight", torch.uint8, (math.ceil(n / 2), 1)),
+            StoredTensor(f"{name}.weight.absmax", torch.float32, (math.ceil(n / FOUR_BIT_BLOCK),)),
+            StoredTensor(f"{name}.weight.quant_map", torch.float32, (16,)),
+            StoredTensor(f"{name}.weight.quant_state.bitsandbytes__{method}", torch.uint8, (QUANT_STATE_BYTES,))]
 
 
 def output_head_name(model: PreTrainedModel) -> str | None:

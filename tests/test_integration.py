@@ -103,7 +103,7 @@ def test_quantized_size_within_a_byte_budget_reloads_without_hf_compress(compres
     _, err = ok("materialize", compressible, "--max-size", "150MiB", "--quantize", "nf4", "--output", out)
     assert "the largest within 150MiB" in err
     report = json.loads(ok("info", out, "--json")[0])
-    assert report["model_bytes"] <= 150 * 2**20 and report["quantization"]["method"] == "nf4"
+    assert report["file_bytes"] <= 150 * 2**20 and report["quantization"]["method"] == "nf4"
     assert report["width_multiple"] == 64
     factors = 'assert any(type(getattr(m, "proj_in", None)).__name__ == "Linear4bit" for m in model.modules())'
     assert generate_without_hf_compress(out, check=factors)

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import tiny_data, tiny_model
 from hf_compress import HfCompressError, acip, fold, load_model, quantize
 from hf_compress.checkpoint import save_checkpoint
-from hf_compress.formats import size_report
-from hf_compress.layers import tensor_bytes
+from hf_compress.formats import disk_bytes, size_report
+from hf_compress.layers import stored_tensors, tensor_bytes
 from hf_compress.quantize import QUANT_STATE_BYTES, width_multiple
 
 METHODS = ["nf4", "fp4", "int8"]
@@ -90,22 +90,32 @@ def test_materialized_quantized_checkpoint_reloads_everywhere(compressible, meth
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
 
 
+def weight_files(model, directory) -> int:
+    save_checkpoint(model, None, directory)
+    return disk_bytes(directory)[0]
+
+
 @pytest.mark.parametrize("method", [None, *METHODS])
-def test_byte_estimate_matches_the_built_model(compressible, method):
+def test_byte_estimate_bounds_the_files_on_disk(compressible, method, tmp_path):
     for ratio in (0.3, 0.7, 1.0):
         plan = compressible.plan_at(ratio, width_multiple(method))
-        actual = tensor_bytes(compressible.materialize(plan=plan, quantize=method))
+        model = compressible.materialize(plan=plan, quantize=method)
+        actual = weight_files(model, tmp_path / str(ratio))
         estimate = compressible.checkpoint_bytes(plan, method)
+        tensors = len(stored_tensors(model))
         four_bit_layers = 2 * len(plan.ranks) if method in ("nf4", "fp4") else 0
-        assert actual <= estimate <= actual + four_bit_layers * QUANT_STATE_BYTES
+        # The bound counts every offset at full width and the 4-bit state at its longest.
+        assert actual <= estimate <= actual + tensors * 2 * len(str(actual)) + four_bit_layers * QUANT_STATE_BYTES
+        assert actual > tensor_bytes(model)  # the headers are counted
 
 
 @pytest.mark.parametrize("method", [None, "int8", "nf4"])
-def test_byte_budget_picks_the_largest_model_that_fits(compressible, method):
+def test_byte_budget_bounds_the_files_on_disk(compressible, method, tmp_path):
     full = compressible.checkpoint_bytes(compressible.plan_at(1.0), method)
-    budget = int(0.7 * full)
-    model = compressible.materialize(max_bytes=budget, quantize=method)
-    assert tensor_bytes(model) <= budget
+    for fraction in (0.5, 0.7, 0.9):
+        budget = int(fraction * full)
+        written = weight_files(compressible.materialize(max_bytes=budget, quantize=method), tmp_path / str(fraction))
+        assert 0.9 * budget < written <= budget
     plan = compressible.plan_within(budget, method)
     one_more = compressible.plan_within(int(1.15 * budget), method)
     assert compressible.checkpoint_bytes(one_more, method) > budget  # a larger model would not fit

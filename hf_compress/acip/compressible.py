@@ -31,9 +31,10 @@ from ..evaluate import perplexity
 from ..formats import FACTORS_FILE, META_FILE, mark_compressed, model_class_for
 from ..errors import HfCompressError
 from ..io import atomic_dir
-from ..layers import LayerShape, decoder_blocks, dense_weight, set_dense_weight, tensor_bytes
+from ..layers import (LayerShape, StoredTensor, decoder_blocks, dense_weight, files_bytes, set_dense_weight,
+                      stored_tensors)
 from ..loading import load_config, read_json
-from ..quantize import linear_bytes, quantize as quantize_model, width_multiple
+from ..quantize import linear_tensors, quantize as quantize_model, width_multiple
 from ..speed import call_overhead_params
 from ..modeling_hf_compress import factorize_
 from ..shrink.rewrite import shrink_config, shrink_site
@@ -81,15 +82,18 @@ class LayerFactors:
             return rank
         return min(-(-total // multiple) * multiple - self.lora_rank, len(self.score))
 
-    def bytes(self, rank: int, quantize: str | None, dtype_bytes: int, overhead: int = 0,
-              shape: LayerShape | None = None) -> int:
-        """Checkpoint bytes of this layer at `rank`: dense, or two factor Linears."""
+    def tensors(self, name: str, rank: int, quantize: str | None, dtype: torch.dtype, overhead: int = 0,
+                shape: LayerShape | None = None) -> list[StoredTensor]:
+        """What the checkpoint stores of this layer (at `name`) at `rank`: dense, or two factor Linears."""
         shape, total = shape or self.shape, rank + self.lora_rank
-        bias = shape.out_features * dtype_bytes if shape.bias else 0
         if shape.is_dense_at(total, overhead):
-            return linear_bytes(shape.in_features, shape.out_features, quantize, dtype_bytes) + bias
-        return (linear_bytes(shape.in_features, total, quantize, dtype_bytes)
-                + linear_bytes(total, shape.out_features, quantize, dtype_bytes) + bias)
+            stored = linear_tensors(name, shape.in_features, shape.out_features, quantize, dtype)
+            bias = f"{name}.bias"
+        else:
+            stored = (linear_tensors(f"{name}.proj_in", shape.in_features, total, quantize, dtype)
+                      + linear_tensors(f"{name}.proj_out", total, shape.out_features, quantize, dtype))
+            bias = f"{name}.proj_out.bias"
+        return stored + [StoredTensor(bias, dtype, (shape.out_features,))] * shape.bias
 
     def lora_delta(self) -> torch.Tensor | None:
         return None if self.lora_a is None else self.lora_b @ self.lora_a
@@ -134,7 +138,7 @@ class CompressibleModel:
         self.summary = summary or {}
         self.tokenizer = tokenizer
         self._orders = {}
-        self._fixed_bytes = None  # weights outside the targeted layers, measured on first use
+        self._fixed_tensors = None  # weights outside the targeted layers, listed on first use
 
     @property
     def dense_params(self) -> int:
@@ -223,15 +227,15 @@ class CompressibleModel:
         return sum(self.layers[name].params(rank, overhead, shapes[name]) for name, rank in plan.ranks.items())
 
     def checkpoint_bytes(self, plan: Plan, quantize: str | None = None, overhead: int = 0) -> int:
-        """Bytes of the weights of the model this plan makes, quantized or not (the output head
-        counted in float), as `models.tensor_bytes` measures the built model."""
-        if self._fixed_bytes is None:
-            self._fixed_bytes = tensor_bytes(self.base_model) - sum(
-                f.shape.dense_params * self.base_model.dtype.itemsize for f in self.layers.values())
-        dtype_bytes = self.base_model.dtype.itemsize
-        shapes = self.shapes(plan)
-        return self._fixed_bytes + sum(self.layers[name].bytes(rank, quantize, dtype_bytes, overhead, shapes[name])
-                                       for name, rank in plan.ranks.items())
+        """Bytes of the safetensors files of the model this plan makes, quantized or not (the
+        output head counted in float), headers included (at most: see `files_bytes`)."""
+        if self._fixed_tensors is None:
+            targeted = {f"{name}.{kind}" for name in self.layers for kind in ("weight", "bias")}
+            self._fixed_tensors = [t for t in stored_tensors(self.base_model) if t.name not in targeted]
+        dtype, shapes = self.base_model.dtype, self.shapes(plan)
+        return files_bytes(self._fixed_tensors + [
+            t for name, rank in plan.ranks.items()
+            for t in self.layers[name].tensors(name, rank, quantize, dtype, overhead, shapes[name])])
 
     def sizes(self, ratios, structure: str = "mixed") -> list[dict]:
         """What `materialize` makes at each size ratio: parameters, what is removed, bytes in
@@ -424,7 +428,7 @@ class CompressibleModel:
     def to(self, device=None, dtype: torch.dtype | None = None) -> CompressibleModel:
         """Materialize on `device` in `dtype` from now on (the stored factors stay fp32 on CPU)."""
         self.base_model.to(device=device, dtype=dtype)
-        self._fixed_bytes = None
+        self._fixed_tensors = None
         return self
 
     @staticmethod

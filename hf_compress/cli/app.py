@@ -88,10 +88,12 @@ def ratio_within_loss(compressible, max_increase: float, dataset: str, seq_len: 
     return ratio, {**search, "dataset": dataset, "split": split, "seq_len": seq_len, "windows": len(data)}
 
 
-def mib(model) -> str:
-    from ..layers import tensor_bytes
+def on_disk(directory: Path) -> str:
+    """What a written checkpoint takes: weight files, and the rest apart."""
+    from ..formats import disk_bytes
 
-    return f"{tensor_bytes(model) / 2**20:.1f} MiB"
+    weights, other = disk_bytes(directory)
+    return f"{weights / 2**20:.1f} MiB of weight files ({weights:,} bytes; config, tokenizer and card {other / 2**20:.1f} MiB)"
 
 
 def quantized_note(model) -> str:

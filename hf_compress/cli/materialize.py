@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import HfCompressError
-from .app import (app, check_output_dir, check_quantize, check_ratio, console, load, load_compressible, mib,
+from .app import (app, check_output_dir, check_quantize, check_ratio, console, load, load_compressible, on_disk,
                   quantized_note, ratio_within_loss)
 from .options import (MODEL_HELP, Compensate, Dataset, Device, Dtype, MaxLossIncrease, Output, Overwrite, Quantize,
                       QuantizeHead, SeqLen, SizeRatio, SpeedAware, Structure, TrustRemoteCode, Windows)
@@ -19,8 +19,9 @@ def materialize(
     path: Annotated[Path, typer.Argument(help="Compressible directory written by `compress`.")],
     output: Output,
     size_ratio: SizeRatio = None,
-    max_size: Annotated[Optional[str], typer.Option(help="Instead of a ratio: the largest model whose weights fit, "
-                                                         "e.g. 60MB.")] = None,
+    max_size: Annotated[Optional[str], typer.Option(help="Instead of a ratio: the largest model whose weight files "
+                                                         "(safetensors, headers included) fit on disk, e.g. 60MB; "
+                                                         "config and tokenizer files are counted apart.")] = None,
     max_loss_increase: MaxLossIncrease = None,
     dataset: Dataset = "builtin",
     seq_len: SeqLen = 256,
@@ -64,7 +65,7 @@ def materialize(
         budget += (f"; speed-aware: a second matmul call costs as much as reading "
                    f"{info['speed_overhead_params']:,} weights here")
     console.print(
-        f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}{budget}, {mib(model)} of weights"
+        f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}{budget}, {on_disk(output)}"
         f"{quantized_note(model)} ({info['target_params']:,} of {info['target_dense_params']:,} targeted "
         f"parameters, {len(info['ranks'])} layers factorized) in {model.materialize_seconds:.2f} s", highlight=False)
 
@@ -89,5 +90,5 @@ def quantize_command(
     net, tokenizer = load(model, device, dtype, trust_remote_code)
     quantized = quantize(net, method, quantize_head)
     save_checkpoint(quantized, tokenizer, output, overwrite=overwrite)
-    console.print(f"[green]wrote[/green] {output}: {mib(quantized)} of weights{quantized_note(quantized)}",
+    console.print(f"[green]wrote[/green] {output}: {on_disk(output)}{quantized_note(quantized)}",
                   highlight=False)

@@ -23,12 +23,13 @@ def info(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Per-layer ranks, parameters and bytes of a model or a compressible directory."""
-    from ..formats import META_FILE
+    from ..formats import META_FILE, disk_bytes
 
     if (Path(path) / META_FILE).is_file():
         from ..acip import CompressibleModel
 
-        report = {"compressible": path, **CompressibleModel.from_pretrained(path, trust_remote_code).report()}
+        report = {"compressible": path, **CompressibleModel.from_pretrained(path, trust_remote_code).report(),
+                  "other_bytes": disk_bytes(Path(path))[1] - (Path(path) / META_FILE).stat().st_size}
     else:
         report = checkpoint_report(path, trust_remote_code)
     if as_json:
@@ -178,12 +179,12 @@ def print_records(records: list[dict]) -> None:
 
 
 def checkpoint_report(path: str, trust_remote_code: bool) -> dict:
-    from ..formats import size_report
+    from ..formats import disk_bytes, size_report
     from ..loading import load_model
 
     report = size_report(load_model(path, trust_remote_code=trust_remote_code)[0])
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
-    report["file_bytes"] = sum(f.stat().st_size for f in files) or None
+    if Path(path).is_dir():
+        report["file_bytes"], report["other_bytes"] = disk_bytes(Path(path))
     return report
 
 
@@ -198,8 +199,9 @@ def print_report(report: dict) -> None:
                           str(row["head_groups"]), str(row["factorized_layers"]),
                           *(f"{row[key] / 2**20:.1f}" for key in ("bytes", "bytes_int8", "bytes_nf4")))
         out.print(table)
-        out.print("What `materialize` removes at each ratio (the default structure, mixed); MiB: the weights of the "
-                  "checkpoint it writes (with --quantize for the last two columns).")
+        out.print("What `materialize` removes at each ratio (the default structure, mixed); MiB: the weight files of "
+                  "the checkpoint it writes, headers included (with --quantize for the last two columns); its config, "
+                  f"tokenizer and card add {report['other_bytes'] / 2**20:.1f} MiB.")
         return
     table = Table("layer", "shape (out x in)", "form", "params")
     for layer in report["layers"]:
@@ -210,7 +212,8 @@ def print_report(report: dict) -> None:
     if report.get("source_bytes"):
         source = (f" (source: {report['source_params']:,} parameters, {report['source_bytes'] / 2**20:.1f} MiB; "
                   f"{report['model_bytes'] / report['source_bytes']:.3f} of its bytes)")
-    files = f", {report['file_bytes'] / 2**20:.1f} MiB of safetensors files" if report.get("file_bytes") else ""
+    files = (f"; on disk {report['file_bytes'] / 2**20:.1f} MiB of weight files ({report['file_bytes']:,} bytes) and "
+             f"{report['other_bytes'] / 2**20:.1f} MiB of config, tokenizer and card") if "file_bytes" in report else ""
     out.print(
         f"{report['architecture']}: targeted {report['target_params']:,} of {report['target_dense_params']:,} "
         f"parameters (size ratio {report['size_ratio']:.4f}); whole model {report['model_params']:,} "

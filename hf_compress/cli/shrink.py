@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import HfCompressError
-from .app import app, check_output_dir, config_from, console, load, mib, progress_dir, quantized_note
+from .app import app, check_output_dir, config_from, console, load, on_disk, progress_dir, quantized_note
 from .options import (BatchSize, Dataset, DatasetConfig, DatasetSplit, Device, Dtype, GradientCheckpointing,
                       HeadsRatio, Layers, MaxSteps, Model, Output, Overwrite, Quantize, QuantizeHead, Ratio,
                       SaveEvery, Seed, SeqLen, TextColumn, TrustRemoteCode, Windows)
@@ -109,7 +109,7 @@ def prune_command(
 def print_shrunk(net, output: Path, timing: str) -> None:
     info = net.config.hf_compress
     kind = "per-layer sizes (self-contained, trust_remote_code)" if info["shapes"] else "same architecture, no remote code"
-    console.print(f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}, {mib(net)} of weights"
+    console.print(f"[green]wrote[/green] {output}: size ratio {info['size_ratio']:.4f}, {on_disk(output)}"
                   f"{quantized_note(net)}, {kind}, {timing}", highlight=False)
 
 
