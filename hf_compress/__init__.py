@@ -14,6 +14,7 @@ _HOMES = {  # public name -> the module that defines it
     "AcipConfig": "acip.config", "CompressibleModel": "acip.compressible", "acip": "acip.train",
     "calibration_data": "data", "HfCompressError": "errors", "FoldConfig": "shrink.config", "fold": "shrink.driver",
     "load_model": "loading", "PruneConfig": "shrink.config", "prune": "shrink.driver", "quantize": "quantize",
+    "TextSource": "data",
 }
 __all__ = sorted(_HOMES)
 

@@ -24,12 +24,13 @@ import bz2
 import functools
 import importlib.metadata
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
 import torch
 
-from .errors import HfCompressError
+from .errors import HfCompressError, first_line
 
 BUILTIN = "builtin"
 CORPORA = ("pydoc", "wiki", "news", "mix")
@@ -39,6 +40,20 @@ SPLITS = {"calibration": (0.0, 0.8), "test": (0.8, 0.9), "validation": (0.9, 1.0
 GENSIM_DATA = "gensim/test/test_data/"
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKI_CHARS = 500_000  # the first articles up to about the size of the pydoc corpus
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where text comes from: a builtin corpus, a local file, or a Hub dataset with its
+    configuration, split, column and revision; `token` reads a gated or private one. Every command
+    that reads text takes all of these (the CLI's dataset options)."""
+
+    dataset: str = BUILTIN
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    dataset_revision: str | None = None
+    token: str | None = None
 
 
 def builtin_text() -> str:
@@ -55,8 +70,8 @@ def _gensim_file(name: str, corpus: str) -> Path:
     except importlib.metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():
-        raise HfCompressError(f"builtin:{corpus} (part of the default `builtin` mix) reads gensim's test data: "
-                              "pip install --no-deps gensim, or use builtin:pydoc")
+        raise HfCompressError(f"builtin:{corpus} (part of the default `builtin` mix) reads gensim's test data, "
+                              "a dependency of hf-compress that is missing here: pip install gensim, or use builtin:pydoc")
     return path
 
 
@@ -138,20 +153,22 @@ def _local_texts(path: Path, text_column: str) -> list[str]:
     return list(dataset[text_column])
 
 
-def _hub_texts(name: str, config: str | None, split: str, text_column: str, max_chars: int):
+def _hub_texts(source: TextSource, max_chars: int):
     """Stream just enough rows of a Hub dataset."""
     from datasets import load_dataset
 
+    name, column = source.dataset, source.text_column
     try:
-        stream = load_dataset(name, config, split=split, streaming=True)
+        stream = load_dataset(name, source.dataset_config, split=source.dataset_split, streaming=True,
+                              revision=source.dataset_revision, token=source.token)
     except Exception as err:  # datasets raises many types for a missing or offline dataset
-        raise HfCompressError(f"cannot load dataset '{name}': {str(err).splitlines()[0]}") from None
+        raise HfCompressError(f"cannot load dataset '{name}': {first_line(err)}") from None
     texts, total = [], 0
     for row in stream:
-        if text_column not in row:
-            raise HfCompressError(f"dataset '{name}' has no column '{text_column}'")
-        texts.append(row[text_column])
-        total += len(row[text_column])
+        if column not in row:
+            raise HfCompressError(f"dataset '{name}' has no column '{column}'")
+        texts.append(row[column])
+        total += len(row[column])
         if total >= max_chars:
             break
     return texts
@@ -159,33 +176,33 @@ def _hub_texts(name: str, config: str | None, split: str, text_column: str, max_
 
 def calibration_data(
     tokenizer,
-    source: str = BUILTIN,
+    source: str | TextSource = BUILTIN,
     seq_len: int = 256,
     split: str = "calibration",
     max_windows: int | None = None,
-    text_column: str = "text",
-    dataset_config: str | None = None,
-    dataset_split: str = "train",
 ) -> torch.Tensor:
-    """Token windows of shape (n, seq_len) from `source`.
+    """Token windows of shape (n, seq_len) from `source` (a dataset name, or a TextSource to
+    choose a Hub dataset's configuration, split, column, revision or token).
 
     `split` picks the calibration, validation or test part of a builtin corpus; other sources
-    are used whole (choose a Hub split with `dataset_split`).
+    are used whole.
     """
+    source = TextSource(source) if isinstance(source, str) else source
     if split not in SPLITS:
         raise HfCompressError(f"split must be one of {tuple(SPLITS)}, not '{split}'")
     if tokenizer is None:
         raise HfCompressError("the model has no tokenizer to turn text into tokens: save one beside its weights")
-    corpus = builtin_corpus(source)
+    name = source.dataset
+    corpus = builtin_corpus(name)
     if corpus is not None:
         ids = builtin_ids(tokenizer, corpus, split)
-    elif Path(source).is_file():
-        ids = tokenize_joined(tokenizer, _local_texts(Path(source), text_column))
-    elif source.endswith((".txt", ".jsonl", ".json", ".parquet")):
-        raise HfCompressError(f"data file not found: {source}")
+    elif Path(name).is_file():
+        ids = tokenize_joined(tokenizer, _local_texts(Path(name), source.text_column))
+    elif name.endswith((".txt", ".jsonl", ".json", ".parquet")):
+        raise HfCompressError(f"data file not found: {name}")
     else:  # a Hub dataset id, or a local dataset directory laid out like one
         max_chars = 8 * seq_len * (max_windows or 4096)  # ~4 characters a token, with margin
-        ids = tokenize_joined(tokenizer, _hub_texts(source, dataset_config, dataset_split, text_column, max_chars))
+        ids = tokenize_joined(tokenizer, _hub_texts(source, max_chars))
     bos = leading_bos(tokenizer)
     width = seq_len - len(bos)  # text tokens a window
     n = len(ids) // width if width > 0 else 0
@@ -193,17 +210,18 @@ def calibration_data(
         n = min(n, max_windows)
     if n == 0:
         raise HfCompressError(
-            f"'{source}' has {len(ids)} tokens, fewer than one window of {seq_len}"
+            f"'{name}' has {len(ids)} tokens, fewer than one window of {seq_len}"
         )
     windows = torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
     return torch.cat([torch.tensor(bos, dtype=torch.long).expand(n, len(bos)), windows], dim=1)
 
 
-def held_aside(tokenizer, dataset: str, seq_len: int, windows: int) -> tuple[torch.Tensor, str]:
+def held_aside(tokenizer, source: str | TextSource, seq_len: int, windows: int) -> tuple[torch.Tensor, str]:
     """The last `windows` windows of text kept out of calibration, and the split they come from: a
     builtin corpus' validation split, any other source's last windows (keep those out of the pass)."""
-    split = "validation" if builtin_corpus(dataset) else "calibration"
-    return calibration_data(tokenizer, dataset, seq_len=seq_len, split=split)[-windows:], split
+    name = source if isinstance(source, str) else source.dataset
+    split = "validation" if builtin_corpus(name) else "calibration"
+    return calibration_data(tokenizer, source, seq_len=seq_len, split=split)[-windows:], split
 
 
 def leading_bos(tokenizer) -> list[int]:

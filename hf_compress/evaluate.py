@@ -15,6 +15,7 @@ import math
 import platform
 import random
 import re
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .loading import cache_dir
 
 BUILTIN_TASK = "pydoc_cloze"
 RESULTS_FILE = "eval_results.json"
+STDERR = "_stderr"  # lm-eval's name for a metric's standard error
 
 
 @torch.no_grad()
@@ -99,27 +101,45 @@ def builtin_task_dir(n_items: int = 200, seed: int = 0) -> Path:
     return folder
 
 
-def lm_eval_tasks(model, tokenizer, tasks: list[str], include_path: str | None = None,
-                  limit: int | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
-    """Run lm-eval's simple_evaluate on the in-memory model; returns {task: {metric: value}}."""
+@dataclass(frozen=True)
+class TaskOptions:
+    """How lm-eval runs the tasks, as the harness' own flags: few-shot examples, a document limit,
+    the chat template, and the batch size (a number, or 'auto': the largest that fits)."""
+
+    include_path: str | None = None
+    limit: int | None = None
+    num_fewshot: int | None = None
+    apply_chat_template: bool = False
+    batch_size: int | str = 8
+
+
+def lm_eval_tasks(model, tokenizer, tasks: list[str], options: TaskOptions = TaskOptions()) -> tuple[dict, dict]:
+    """Run lm-eval's simple_evaluate on the in-memory model. Returns {task or group: {metric: value,
+    metric_stderr: its standard error}} as the harness reports them (its default bootstrap), and how
+    it ran them: examples per prompt by task, the chat template applied (or None)."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise HfCompressError("lm-eval tasks need the lm-eval package: pip install 'hf-compress[eval]'") from None
-    manager = _task_manager(include_path)
+        raise HfCompressError("lm-eval tasks need the lm-eval package: pip install lm-eval") from None
+    manager = _task_manager(options.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise HfCompressError(f"unknown lm-eval task(s) {unknown}; local task YAMLs go in --include-path")
+        raise HfCompressError(f"unknown lm-eval task(s) {unknown}: the harness' task and group names (lm-eval ls "
+                              "tasks), or local task YAMLs in --include-path")
+    if options.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise HfCompressError("--apply-chat-template needs a tokenizer with a chat template, and this one has none")
     device = str(next(model.parameters()).device)
-    wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    output = simple_evaluate(wrapper, tasks=tasks, task_manager=manager, limit=limit,
-                             log_samples=False, bootstrap_iters=0)
+    wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=device)
+    output = simple_evaluate(wrapper, tasks=tasks, task_manager=manager, limit=options.limit,
+                             num_fewshot=options.num_fewshot, apply_chat_template=options.apply_chat_template,
+                             log_samples=False)
     results = {}
     for task, metrics in output["results"].items():
         results[task] = {name.split(",")[0]: value for name, value in metrics.items()
-                         if isinstance(value, (int, float)) and "stderr" not in name and name != "sample_len"}
-    return results
+                         if isinstance(value, (int, float)) and name != "sample_len" and "," in name}
+    template = wrapper.chat_template(True) if options.apply_chat_template else None  # the one lm-eval applied
+    return results, {"n_shot": output.get("n-shot", {}), "chat_template": template}
 
 
 @functools.cache
@@ -134,7 +154,7 @@ def _task_manager(include_path: str | None):
 
 
 def evaluate(model, tokenizer, windows: torch.Tensor | None, tasks: list[str] = (), batch_size: int = 4,
-             windows_bytes: int | None = None, **task_options) -> dict:
+             windows_bytes: int | None = None, task_options: TaskOptions = TaskOptions()) -> dict:
     """Perplexity and task metrics of one model, with its size; `windows_bytes` (the
     `text_bytes` of the windows) saves decoding them again for every size of a sweep."""
     report = size_report(model)
@@ -148,7 +168,7 @@ def evaluate(model, tokenizer, windows: torch.Tensor | None, tasks: list[str] = 
         record["bits_per_byte"] = scored["bits"] / (windows_bytes or text_bytes(tokenizer, windows))
         record["description_length_bits"] = scored["bits"] + 8 * record["model_bytes"]
     if tasks:
-        record["tasks"] = lm_eval_tasks(model, tokenizer, list(tasks), batch_size=batch_size, **task_options)
+        record["tasks"], record["lm_eval"] = lm_eval_tasks(model, tokenizer, list(tasks), task_options)
     return record
 
 
@@ -164,7 +184,7 @@ def versions() -> dict:
 
 
 def results_document(model: str, records: list[dict], windows: torch.Tensor | None, dataset: str,
-                     dataset_split: str, seq_len: int, tasks: list[str], limit: int | None) -> dict:
+                     dataset_split: str, seq_len: int, tasks: list[str], task_options: TaskOptions) -> dict:
     """What `eval` writes: the records, the protocol that produced them, versions, and the Hub's
     model-index entries."""
     test_split = "test" if builtin_corpus(dataset) else dataset_split
@@ -172,7 +192,7 @@ def results_document(model: str, records: list[dict], windows: torch.Tensor | No
         "perplexity": None if windows is None else {
             "dataset": dataset, "split": test_split, "seq_len": seq_len, "windows": len(windows),
             "tokens": len(windows) * (seq_len - 1), "method": "non-overlapping windows, token-level mean NLL, exp"},
-        "tasks": tasks, "limit": limit,
+        "tasks": tasks and {"names": tasks, **asdict(task_options)},
     }
     return {"model": model, "protocol": protocol, "versions": versions(), "results": records,
             "model_index": model_index(Path(model).name or model, records, dataset if windows is not None else "")}
@@ -190,7 +210,8 @@ def model_index(name: str, records: list[dict], dataset: str) -> list[dict]:
         for task, metrics in record.get("tasks", {}).items():
             results.append({"task": {"type": "text-generation", "name": task},
                             "dataset": {"type": task, "name": task},
-                            "metrics": [{"type": m, "value": round(v, 4)} for m, v in metrics.items()]})
+                            "metrics": [{"type": m, "value": round(v, 4)} for m, v in metrics.items()
+                                        if not m.endswith(STDERR)]})
         entries.append({"name": f"{name}@{record['size_ratio']:.2f}", "results": results})
     return entries
 
@@ -199,7 +220,7 @@ def results_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Column names and formatted rows of evaluation records, smallest size first (for the
     terminal and for model cards)."""
     records = sorted(records, key=lambda r: r["size_ratio"])
-    tasks = [(t, m) for t, metrics in records[0].get("tasks", {}).items() for m in metrics]
+    tasks = task_metrics(records[0])
     with_perplexity = "perplexity" in records[0]
     with_length = "bits_per_byte" in records[0]  # results files before description lengths lack it
     columns = ["size ratio", "targeted params", "model MiB"] + ["perplexity"] * with_perplexity
@@ -210,8 +231,16 @@ def results_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         cells += [f"{r['perplexity']:.3f}"] * with_perplexity
         if with_length:
             cells += [f"{r['bits_per_byte']:.4f}", f"{r['description_length_bits'] / 1e6:,.1f}"]
-        rows.append(cells + [f"{r['tasks'][t][m]:.4f}" for t, m in tasks])
+        for task, metric in tasks:
+            value, stderr = r["tasks"][task][metric], r["tasks"][task].get(metric + STDERR)
+            cells.append(f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+        rows.append(cells)
     return columns + [f"{t} {m}" for t, m in tasks], rows
+
+
+def task_metrics(record: dict) -> list[tuple[str, str]]:
+    """(task, metric) of every task metric of a record, standard errors aside."""
+    return [(t, m) for t, metrics in record.get("tasks", {}).items() for m in metrics if not m.endswith(STDERR)]
 
 
 def write_json(data: dict, path: str | Path) -> None:
@@ -229,22 +258,22 @@ def plot_curve(records: list[dict], path: str | Path, title: str) -> None:
     from matplotlib.figure import Figure
 
     records = sorted(records, key=lambda r: r["size_ratio"])
-    series = {}
+    series = {}  # label -> (values, standard errors or None)
     if all("perplexity" in r for r in records):
-        series["perplexity (lower is better)"] = [r["perplexity"] for r in records]
+        series["perplexity (lower is better)"] = [r["perplexity"] for r in records], None
     if all("description_length_bits" in r for r in records):
-        series["description length, Mbit (text + model)"] = [r["description_length_bits"] / 1e6 for r in records]
-    for task in records[0].get("tasks", {}):
-        for metric in records[0]["tasks"][task]:
-            series[f"{task} {metric}"] = [r["tasks"][task][metric] for r in records]
+        series["description length, Mbit (text + model)"] = [r["description_length_bits"] / 1e6 for r in records], None
+    for task, metric in task_metrics(records[0]):
+        stderr = [r["tasks"][task].get(metric + STDERR) for r in records]
+        series[f"{task} {metric}"] = [r["tasks"][task][metric] for r in records], None if None in stderr else stderr
     if not series:
         raise HfCompressError("nothing to plot: evaluate perplexity or at least one task")
     fig = Figure(figsize=(10, 3.2 * len(series)))
     axes = fig.subplots(len(series), 2, squeeze=False)
-    for row, (label, values) in zip(axes, series.items()):
+    for row, (label, (values, stderr)) in zip(axes, series.items()):
         for ax, xs, xlabel in ((row[0], [r["size_ratio"] for r in records], "size ratio (targeted layers)"),
                                (row[1], [r["model_bytes"] / 2**20 for r in records], "model size (MiB)")):
-            ax.plot(xs, values, marker="o")
+            ax.errorbar(xs, values, yerr=stderr, marker="o", capsize=3)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)
             if label.startswith("perplexity"):

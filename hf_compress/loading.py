@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import HfCompressError, first_line
@@ -142,11 +143,11 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | torch.device | None = None,
-               trust_remote_code: bool = False):
-    """Load `(model, tokenizer)` from a Hub id, a local directory, a `.gguf` file or `demo`, on
-    `device` (default CPU). A directory written by hf-compress loads with its factorized, resized
-    or quantized layers, no remote code needed unless its base architecture is remote code
-    (`trust_remote_code`, as in transformers).
+               trust_remote_code: bool = False, revision: str | None = None, token: str | None = None):
+    """Load `(model, tokenizer)` from a Hub id (at `revision`, with `token` for a gated or private
+    one), a local directory, a `.gguf` file or `demo`, on `device` (default CPU). A directory
+    written by hf-compress loads with its factorized, resized or quantized layers, no remote code
+    needed unless its base architecture is remote code (`trust_remote_code`, as in transformers).
     """
     source = str(source)
     if spec := bundled(source):
@@ -160,34 +161,49 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", dev
             raise HfCompressError(f"GGUF file not found: {source}")
         model, tokenizer = _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
         return model.to(device or "cpu"), tokenizer
-    config = load_config(source, trust_remote_code)
+    hub = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+    config = load_config(source, **hub)
     try:
         local_without_tokenizer = Path(source).is_dir() and not (Path(source) / "tokenizer_config.json").exists()
-        tokenizer = None if local_without_tokenizer else AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code)
+        tokenizer = None if local_without_tokenizer else AutoTokenizer.from_pretrained(source, **hub)
+        device_map = None if device is None else {"": torch.device(device)}  # quantized weights load there
+        model = model_class_for(config, trust_remote_code).from_pretrained(
+            source, dtype=dtype, device_map=device_map, **hub)
     except (OSError, ValueError) as err:
         raise _cannot_load(source, err) from None
-    device_map = None if device is None else {"": torch.device(device)}  # quantized weights load there
-    model = model_class_for(config, trust_remote_code).from_pretrained(
-        source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
 
 
-def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
+def load_config(source: str | os.PathLike, trust_remote_code: bool = False, revision: str | None = None,
+                token: str | None = None):
     """The config of a Hub id (only config.json is fetched), a directory, or a bundled model."""
     source = str(spec.checkpoint()) if (spec := bundled(str(source))) else str(source)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision, token=token)
     except (OSError, ValueError) as err:
         raise _cannot_load(source, err) from None
 
 
 def _cannot_load(source: str, err: Exception) -> HfCompressError:
-    if "trust_remote_code" in str(err):
+    """One sentence for what went wrong; a gated model's keeps the page where access is asked for."""
+    text = str(err)
+    if "trust_remote_code" in text:
         return untrusted_code(source)
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    hint = " (offline mode: it must be in the local Hub cache)" if offline else ""
+    if "gated repo" in text:
+        return HfCompressError(f"'{source}' is a gated model: ask for access at https://huggingface.co/{source}, "
+                               "then log in (hf auth login) or pass --token")
+    cause = err
+    while cause.__cause__ or cause.__context__:
+        cause = cause.__cause__ or cause.__context__
+    dropped = type(cause).__module__.split(".")[0] in NETWORK_MODULES and getattr(cause, "response", None) is None
+    if dropped:  # the connection, not an answer of the Hub: transformers' own sentence would blame the path
+        return HfCompressError(f"cannot load model '{source}': a download from the Hub failed ({first_line(cause)}); "
+                               "run again to resume it")
+    hint = " (offline mode: it must be in the local Hub cache)" if constants.HF_HUB_OFFLINE else ""
     return HfCompressError(f"cannot load model '{source}'{hint}: {first_line(err)}")
+
+
+NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "socket", "ssl")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -170,6 +170,6 @@ def device_capacity(device: torch.device) -> int | None:
         return total
 
 
-def meta_model(source: str, trust_remote_code: bool = False):
+def meta_model(source: str, trust_remote_code: bool = False, revision: str | None = None, token: str | None = None):
     """The model `source` names on the meta device: every shape from its config, no weights read."""
-    return empty_model(load_config(source, trust_remote_code), trust_remote_code)
+    return empty_model(load_config(source, trust_remote_code, revision, token), trust_remote_code)

@@ -97,6 +97,22 @@ def test_what_cannot_compose_says_why(source, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "again").exists()
 
 
+def test_every_command_that_reads_text_honours_every_dataset_option(source, tmp_path):
+    """A file whose text is in column 'body': each command fails with "no column 'text'" unless it
+    passes --text-column on (the loss-budget searches once ignored it)."""
+    from hf_compress.data import builtin_text
+
+    data = tmp_path / "a.jsonl"
+    data.write_text("\n".join(json.dumps({"body": chunk}) for chunk in builtin_text()[:60_000].split("\n\n")))
+    text = ("--dataset", data, "--text-column", "body", "--seq-len", 32)
+    compressible = tmp_path / "acip"
+    ok("compress", source, "--output", compressible, *text, "--max-steps", 2, "--save-every", 100)
+    ok("materialize", compressible, "--max-loss-increase", 0.5, *text, "--windows", 2, "--output", tmp_path / "m")
+    ok("eval", compressible, "--size-ratios", "auto", "--max-loss-increase", 0.5, *text, "--max-windows", 2)
+    ok("prune", source, "--ratio", 0.5, *text, "--windows", 4, "--output", tmp_path / "p")
+    assert "no column 'text'" in refused("eval", tmp_path / "m", "--dataset", data, "--seq-len", 32)
+
+
 def test_dtype_and_device_on_every_command(monkeypatch, source, tmp_path):
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)  # `--device cpu` sets it: restored afterwards
     compressible = tmp_path / "acip"

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from hf_compress import HfCompressError, calibration_data
+from hf_compress import HfCompressError, TextSource, calibration_data
 from hf_compress.data import CORPORA, DEFAULT_CORPUS, MIX, SPLITS, WIKI_CHARS, builtin_text, corpus_texts
 
 
@@ -58,8 +58,8 @@ def test_local_files(tokenizer, tmp_path):
 
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
     from_txt = calibration_data(tokenizer, str(tmp_path / "a.txt"), seq_len=16)
-    from_jsonl = calibration_data(tokenizer, str(tmp_path / "a.jsonl"), seq_len=16, text_column="body")
-    from_parquet = calibration_data(tokenizer, str(tmp_path / "a.parquet"), seq_len=16, text_column="body")
+    from_jsonl = calibration_data(tokenizer, TextSource(str(tmp_path / "a.jsonl"), text_column="body"), seq_len=16)
+    from_parquet = calibration_data(tokenizer, TextSource(str(tmp_path / "a.parquet"), text_column="body"), seq_len=16)
     assert len(from_txt) > 50
     assert torch.equal(from_jsonl, from_parquet)
     with pytest.raises(HfCompressError, match="no column 'text'"):
@@ -82,17 +82,26 @@ def test_missing_sources_are_errors(tokenizer, tmp_path):
         calibration_data(tokenizer, "no-such-user/no-such-dataset")
 
 
-def test_hub_dataset_path_with_a_local_stand_in(tokenizer, tmp_path):
-    """The streamed Hub code path, offline: a directory laid out like a dataset repository."""
+def test_hub_dataset_path_with_a_local_stand_in(tokenizer, tmp_path, monkeypatch):
+    """The streamed Hub code path, offline: a directory laid out like a dataset repository; the
+    configuration, split, revision and token reach `datasets.load_dataset`."""
     import datasets
+
+    calls, real = [], datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or real(
+        *args, **{k: v for k, v in kwargs.items() if k not in ("revision", "token")}))
 
     repo = tmp_path / "user-dataset" / "data"
     repo.mkdir(parents=True)
     rows = [{"content": chunk} for chunk in builtin_text()[:30_000].split("\n\n") if chunk]
     datasets.Dataset.from_list(rows).to_parquet(str(repo / "train-00000-of-00001.parquet"))
-    windows = calibration_data(tokenizer, str(tmp_path / "user-dataset"), seq_len=16,
-                               text_column="content", dataset_split="train", max_windows=20)
+    source = TextSource(str(tmp_path / "user-dataset"), text_column="content", dataset_split="train",
+                        dataset_revision="v1", token="hf_mine")
+    windows = calibration_data(tokenizer, source, seq_len=16, max_windows=20)
     assert windows.shape == (20, 16)
+    [(args, kwargs)] = calls
+    assert args == (str(tmp_path / "user-dataset"), None) and kwargs == {
+        "split": "train", "streaming": True, "revision": "v1", "token": "hf_mine"}
 
 
 def test_windows_open_with_bos_when_the_tokenizer_adds_it(tokenizer):

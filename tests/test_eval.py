@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_data, tiny_model
-from hf_compress import acip
+from hf_compress import HfCompressError, acip
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.cli import main
 from hf_compress.data import builtin_text
@@ -106,12 +106,27 @@ def test_sweep_of_a_compressible_directory_and_plot(monkeypatch, workspace, tmp_
 
 
 @pytest.mark.slow
-def test_builtin_lm_eval_task_is_offline_and_real(workspace, tokenizer):
-    from hf_compress.evaluate import BUILTIN_TASK, lm_eval_tasks
+def test_builtin_lm_eval_task_runs_as_the_harness_runs_papers_tasks(workspace, tokenizer):
+    import copy
 
-    metrics = lm_eval_tasks(tiny_model(), tokenizer, [BUILTIN_TASK], limit=8)[BUILTIN_TASK]
-    assert set(metrics) == {"acc", "acc_norm"}
-    assert (metrics["acc"] * 8) == pytest.approx(round(metrics["acc"] * 8))  # a fraction of the 8 documents
+    from hf_compress.evaluate import BUILTIN_TASK, TaskOptions, lm_eval_tasks
+
+    model = tiny_model()
+    results, harness = lm_eval_tasks(model, tokenizer, [BUILTIN_TASK], TaskOptions(limit=8))
+    metrics = results[BUILTIN_TASK]
+    assert set(metrics) == {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"}
+    p = metrics["acc"]
+    assert (p * 8) == pytest.approx(round(p * 8))  # a fraction of the 8 documents
+    assert metrics["acc_stderr"] == pytest.approx((p * (1 - p) / 7) ** 0.5)  # the sample mean's standard error
+    assert harness == {"n_shot": {BUILTIN_TASK: 0}, "chat_template": None}
+    chatty = copy.deepcopy(tokenizer)
+    chatty.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    results, harness = lm_eval_tasks(model, chatty, [BUILTIN_TASK],
+                                     TaskOptions(limit=8, num_fewshot=2, apply_chat_template=True, batch_size="auto"))
+    assert harness == {"n_shot": {BUILTIN_TASK: 2}, "chat_template": chatty.chat_template}
+    assert set(results[BUILTIN_TASK]) == set(metrics)
+    with pytest.raises(HfCompressError, match="needs a tokenizer with a chat template"):
+        lm_eval_tasks(model, tokenizer, [BUILTIN_TASK], TaskOptions(limit=8, apply_chat_template=True))
 
 
 @pytest.mark.parametrize("args,message", [

@@ -2,101 +2,17 @@
 huggingface_hub client uploads it in one commit, here to an in-process fake Hub. A refused push
 says why in one sentence and leaves the local directory as it was."""
 
-import base64
-import hashlib
 import json
 
 import pytest
 from huggingface_hub import ModelCard
 
-from conftest import run_cli, tiny_data, tiny_model
+from conftest import COMMIT, REPO, run_cli, tiny_data, tiny_model
 from hf_compress import HfCompressError, acip, fold, load_model
 from hf_compress.formats import FACTORS_FILE
 from hf_compress.cards import MARKER, model_card
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.hub import push
-
-REPO = "me/tiny-folded"
-COMMIT = "a" * 40
-
-
-class FakeHub:
-    """The endpoints a push uses, answered in-process; every request is kept, every commit made
-    (`made`) and the files they hold (`files`). `fail`: 'network' (no connection at all), 'refused' (the Hub rejects the
-    token) or 'second commit' (the connection drops at the second commit)."""
-
-    def __init__(self):
-        self.requests, self.fail, self.files, self.made = [], None, {}, []
-
-    def __call__(self, request):
-        import httpx2
-
-        self.requests.append(request)
-        path = request.url.path
-        commits = sum(r.url.path.endswith("/commit/main") for r in self.requests)
-        if self.fail == "network" or (self.fail == "second commit" and path.endswith("/commit/main") and commits == 2):
-            raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
-        if path == "/api/models/some-org/tiny-llama":  # the source's metadata: its license
-            return httpx2.Response(200, json={"id": "some-org/tiny-llama", "cardData": {"license": "mit"}})
-        if path == "/api/repos/create" and self.fail != "refused":
-            return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO}"})
-        if path == "/api/validate-yaml":
-            return httpx2.Response(200, json={"errors": [], "warnings": []})
-        if path == f"/api/models/{REPO}/preupload/main":  # small files go in the commit itself, no LFS
-            files = json.loads(request.content)["files"]
-            return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
-                                                         "shouldIgnore": False, "oid": git_oid(self.files.get(
-                                                             f["path"]))} for f in files]})
-        if path == f"/api/models/{REPO}/commit/main":
-            self.files |= self.committed(request)
-            self.made.append(request)
-            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{REPO}/commit/{COMMIT}",
-                                              "commitOid": COMMIT})
-        if path == f"/api/models/{REPO}/revision/main":  # asked when a commit would change nothing
-            return httpx2.Response(200, json={"id": REPO, "sha": COMMIT})
-        if self.fail == "refused":
-            return httpx2.Response(401, json={"error": "Invalid username or password."})
-        return httpx2.Response(404, json={"error": "Repository not found"})
-
-    def commits(self) -> list[tuple[str, dict[str, bytes]]]:
-        """The message and the uploaded files of every commit made."""
-        return [(json.loads(r.content.splitlines()[0])["value"]["summary"], self.committed(r)) for r in self.made]
-
-    def commit(self) -> tuple[str, dict[str, bytes]]:
-        """The commit message and the uploaded files of the one commit sent."""
-        [commit] = self.commits()
-        return commit
-
-    @staticmethod
-    def committed(request) -> dict[str, bytes]:
-        lines = [json.loads(line) for line in request.content.splitlines()]
-        return {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines
-                if line["key"] == "file"}
-
-
-def git_oid(content: bytes | None) -> str | None:
-    """The git blob id the Hub reports for a file it holds."""
-    return None if content is None else hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """The real huggingface_hub client, its HTTP transport replaced by a FakeHub, online and
-    logged in for this test only."""
-    import httpx2
-    import huggingface_hub
-    from huggingface_hub.utils._http import default_client_factory
-
-    fake = FakeHub()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake)))
-    try:
-        yield fake
-    finally:
-        huggingface_hub.set_client_factory(default_client_factory)  # closes the fake session too
-        huggingface_hub.close_session()
-
 
 @pytest.fixture
 def folded_dir(tmp_path, tokenizer):

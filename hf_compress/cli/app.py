@@ -52,11 +52,12 @@ def progress_dir(output: Path) -> Path:
     return output.parent / f".{output.name}.progress"
 
 
-def load(model: str, device: str | None, dtype: str | None, trust_remote_code: bool):
+def load(model: str, device: str | None, dtype: str | None, trust_remote_code: bool, revision: str | None = None,
+         token: str | None = None):
     from ..loading import load_model, resolve_device, resolve_dtype
 
     where = resolve_device(device)
-    return load_model(model, resolve_dtype(dtype, where), where, trust_remote_code)
+    return load_model(model, resolve_dtype(dtype, where), where, trust_remote_code, revision, token)
 
 
 def load_compressible(path, device: str | None, dtype: str | None, trust_remote_code: bool):
@@ -69,13 +70,14 @@ def load_compressible(path, device: str | None, dtype: str | None, trust_remote_
     return compressible.to(where, None if wanted == "auto" else wanted)
 
 
-def ratio_within_loss(compressible, max_increase: float, dataset: str, seq_len: int, windows: int,
+def ratio_within_loss(compressible, max_increase: float, text, seq_len: int, windows: int,
                       quantize: str | None, **options) -> tuple[float, dict]:
-    """The loss-budget search of `CompressibleModel.ratio_within_loss` on held-aside windows
-    (`data.held_aside`), printed as it goes."""
+    """The loss-budget search of `CompressibleModel.ratio_within_loss` on held-aside windows of
+    `text` (a data.TextSource; `data.held_aside`), printed as it goes."""
     from ..data import held_aside
 
-    data, split = held_aside(compressible.tokenizer, dataset, seq_len, windows)
+    dataset = text.dataset
+    data, split = held_aside(compressible.tokenizer, text, seq_len, windows)
     console.print(f"searching the smallest size whose loss is within {max_increase:.1%} of the dense model's "
                   f"({len(data)} windows of {seq_len} tokens of {dataset}, {split} split)", highlight=False)
 

@@ -11,9 +11,9 @@ from rich.table import Table
 
 from ..errors import HfCompressError
 from .app import app, check_output_dir, check_ratio, config_from, console, progress_dir
-from .options import (MODEL_HELP, BatchSize, Dataset, DatasetConfig, DatasetSplit, Device, DryRun, Dtype,
-                      GradientCheckpointing, LoraRank, MaxSteps, Model, Output, Overwrite, SaveEvery, Seed, SeqLen,
-                      TextColumn, TrustRemoteCode, WhiteningWindows)
+from .options import (MODEL_HELP, BatchSize, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, DryRun,
+                      Dtype, GradientCheckpointing, LoraRank, MaxSteps, Model, Output, Overwrite, Revision, SaveEvery,
+                      Seed, SeqLen, TextColumn, Token, TrustRemoteCode, WhiteningWindows)
 
 
 @app.command()
@@ -24,6 +24,7 @@ def compress(
     dataset_config: DatasetConfig = None,
     dataset_split: DatasetSplit = "train",
     text_column: TextColumn = "text",
+    dataset_revision: DatasetRevision = None,
     stop_ratio: Annotated[float, typer.Option(help="Stop once the targeted layers are this fraction of their "
                                                    "size.")] = 0.4,
     objective: Annotated[str, typer.Option(
@@ -71,16 +72,18 @@ def compress(
     dtype: Dtype = None,
     overwrite: Overwrite = False,
     dry_run: DryRun = False,
+    revision: Revision = None,
+    token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Run one ACIP pass into a compressible directory; `materialize` then builds any size from it."""
     from ..acip import AcipConfig, acip
     from ..training import clear_progress, fsdp_requested
-    from ..data import calibration_data
+    from ..data import TextSource, calibration_data
     from ..loading import load_model, process_state, resolve_device, resolve_dtype
 
     if dry_run:
-        return print_plan(model, device, dtype, trust_remote_code, batch_size=batch_size, seq_len=seq_len,
+        return print_plan(model, device, dtype, trust_remote_code, revision, token, batch_size=batch_size, seq_len=seq_len,
                           num_processes=process_state().num_processes, fsdp=fsdp_requested(process_state()),
                           whitening_windows=whitening_windows,
                           lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
@@ -97,9 +100,8 @@ def compress(
         clear_progress(progress)
     start = time.perf_counter()
     net, tokenizer = load_model(model, resolve_dtype(dtype, resolve_device(device)),
-                                trust_remote_code=trust_remote_code)
-    data = calibration_data(tokenizer, dataset, seq_len=seq_len, text_column=text_column,
-                            dataset_config=dataset_config, dataset_split=dataset_split)
+                                trust_remote_code=trust_remote_code, revision=revision, token=token)
+    data = calibration_data(tokenizer, config_from(TextSource, locals()), seq_len=seq_len)
     result = acip(net, data, config, tokenizer=tokenizer, progress_dir=progress)
     result.summary |= {"dataset": dataset, "seq_len": seq_len, "windows": len(data)}  # for the model card
     if process_state().is_main_process:
@@ -128,18 +130,20 @@ def plan_command(
     dtype: Dtype = None,
     memory: Annotated[Optional[str], typer.Option(help="Memory of the device planned for, e.g. 80GB (default: "
                                                        "this machine's device).")] = None,
+    revision: Revision = None,
+    token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Predict the peak memory of `compress` per process from the config alone, and whether it fits."""
     from ..loading import parse_size
 
-    print_plan(model, device, dtype, trust_remote_code, memory=parse_size(memory) if memory else None,
+    print_plan(model, device, dtype, trust_remote_code, revision, token, memory=parse_size(memory) if memory else None,
                batch_size=batch_size, seq_len=seq_len, num_processes=num_processes, fsdp=fsdp,
                whitening_windows=whitening_windows, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing)
 
 
-def print_plan(model: str, device: str | None, dtype: str | None, trust_remote_code: bool, memory: int | None = None,
-               **settings) -> None:
+def print_plan(model: str, device: str | None, dtype: str | None, trust_remote_code: bool, revision: str | None,
+               token: str | None, memory: int | None = None, **settings) -> None:
     import torch
 
     from ..loading import resolve_device, resolve_dtype
@@ -149,7 +153,7 @@ def print_plan(model: str, device: str | None, dtype: str | None, trust_remote_c
         raise HfCompressError(f"batch size {settings['batch_size']} must be a multiple of the "
                               f"{settings['num_processes']} processes")
     target = resolve_device(device)
-    net = meta_model(model, trust_remote_code)
+    net = meta_model(model, trust_remote_code, revision, token)
     chosen = resolve_dtype(dtype, target)
     if chosen == "auto":  # the source's own dtype, as the pass would load it
         chosen = getattr(net.config, "dtype", None) or torch.float32

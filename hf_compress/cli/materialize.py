@@ -8,10 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import HfCompressError
-from .app import (app, check_output_dir, check_quantize, check_ratio, console, load, load_compressible, on_disk,
-                  quantized_note, ratio_within_loss)
-from .options import (MODEL_HELP, Compensate, Dataset, Device, Dtype, MaxLossIncrease, Output, Overwrite, Quantize,
-                      QuantizeHead, SeqLen, SizeRatio, SpeedAware, Structure, TrustRemoteCode, Windows)
+from .app import (app, check_output_dir, check_quantize, check_ratio, config_from, console, load, load_compressible,
+                  on_disk, quantized_note, ratio_within_loss)
+from .options import (MODEL_HELP, Compensate, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, Dtype,
+                      MaxLossIncrease, Output, Overwrite, Quantize, QuantizeHead, Revision, SeqLen, SizeRatio,
+                      SpeedAware, Structure, TextColumn, Token, TrustRemoteCode, Windows)
 
 
 @app.command()
@@ -24,6 +25,11 @@ def materialize(
                                                          "config and tokenizer files are counted apart.")] = None,
     max_loss_increase: MaxLossIncrease = None,
     dataset: Dataset = "builtin",
+    dataset_config: DatasetConfig = None,
+    dataset_split: DatasetSplit = "train",
+    text_column: TextColumn = "text",
+    dataset_revision: DatasetRevision = None,
+    token: Token = None,
     seq_len: SeqLen = 256,
     windows: Windows = 8,
     quantize: Quantize = None,
@@ -38,6 +44,7 @@ def materialize(
 ):
     """Write a checkpoint of a size, byte budget or loss budget that AutoModelForCausalLM loads."""
     from ..checkpoint import save_checkpoint
+    from ..data import TextSource
     from ..loading import parse_size
 
     if sum(x is not None for x in (size_ratio, max_size, max_loss_increase)) != 1:
@@ -50,8 +57,8 @@ def materialize(
     compressible = load_compressible(path, device, dtype, trust_remote_code)
     search = None
     if max_loss_increase is not None:
-        size_ratio, search = ratio_within_loss(compressible, max_loss_increase, dataset, seq_len, windows, quantize,
-                                               structure=structure, compensate=compensate)
+        size_ratio, search = ratio_within_loss(compressible, max_loss_increase, config_from(TextSource, locals()),
+                                               seq_len, windows, quantize, structure=structure, compensate=compensate)
     model = compressible.materialize(size_ratio, max_bytes=max_bytes, quantize=quantize, quantize_head=quantize_head,
                                      speed_aware=speed_aware, structure=structure, compensate=compensate)
     if search is not None:
@@ -79,6 +86,8 @@ def quantize_command(
     device: Device = None,
     dtype: Dtype = None,
     overwrite: Overwrite = False,
+    revision: Revision = None,
+    token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Quantize a model with bitsandbytes; the checkpoint reloads with plain transformers."""
@@ -87,7 +96,7 @@ def quantize_command(
 
     check_quantize(method)
     check_output_dir(output, overwrite)
-    net, tokenizer = load(model, device, dtype, trust_remote_code)
+    net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token)
     quantized = quantize(net, method, quantize_head)
     save_checkpoint(quantized, tokenizer, output, overwrite=overwrite)
     console.print(f"[green]wrote[/green] {output}: {on_disk(output)}{quantized_note(quantized)}",

@@ -29,6 +29,9 @@ Dtype = Annotated[Optional[str], typer.Option(
 TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow a model that ships its own modeling code to run it (as transformers' "
                                 "trust_remote_code).")]
+Revision = Annotated[Optional[str], typer.Option(help="Hub revision of the model: a branch, tag or commit.")]
+Token = Annotated[Optional[str], typer.Option(
+    help="Hub token for gated or private models and datasets (default: HF_TOKEN, or the one `hf auth login` stored).")]
 DryRun = Annotated[bool, typer.Option(help="Print what would be done (compress: its memory plan; push: the card "
                                            "and files) and stop.")]
 
@@ -39,12 +42,13 @@ Dataset = Annotated[str, typer.Option(
 DatasetConfig = Annotated[Optional[str], typer.Option(help="Hub dataset configuration name.")]
 DatasetSplit = Annotated[str, typer.Option(help="Hub dataset split.")]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text (.jsonl, .parquet, Hub).")]
+DatasetRevision = Annotated[Optional[str], typer.Option(help="Hub dataset revision: a branch, tag or commit.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per window of text.")]
 Windows = Annotated[Optional[int], typer.Option(
     help="Windows of text: prune's calibration (default 64 to score units; torque: --max-steps x --batch-size), "
          "--max-loss-increase's held-aside windows (default 8).")]
 BatchSize = Annotated[Optional[int], typer.Option(
-    help="Windows per step or forward pass, across all processes (default 4; eval: 4 on CPU, 16 on GPU).")]
+    help="Windows per step or forward pass, across all processes.")]
 
 # --- training (the pass, torque)
 MaxSteps = Annotated[int, typer.Option(help="Training steps: the pass's budget, or torque's training.")]

@@ -11,15 +11,18 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import HfCompressError
-from .app import app, check_quantize, check_ratio, console, load, load_compressible, ratio_within_loss
-from .options import (MODEL_HELP, BatchSize, Compensate, Dataset, DatasetConfig, DatasetSplit, Device, DryRun, Dtype,
-                      MaxLossIncrease, Quantize, SeqLen, SpeedAware, Structure, TextColumn, TrustRemoteCode)
+from .app import app, check_quantize, check_ratio, config_from, console, load, load_compressible, ratio_within_loss
+from .options import (MODEL_HELP, Compensate, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device,
+                      DryRun, Dtype, MaxLossIncrease, Quantize, Revision, SeqLen, SpeedAware, Structure, TextColumn,
+                      Token, TrustRemoteCode)
 
 
 @app.command()
 def info(
     path: Annotated[str, typer.Argument(help=f"A compressible directory or a model ({MODEL_HELP})")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    revision: Revision = None,
+    token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Per-layer ranks, parameters and bytes of a model or a compressible directory."""
@@ -31,7 +34,7 @@ def info(
         report = {"compressible": path, **CompressibleModel.from_pretrained(path, trust_remote_code).report(),
                   "other_bytes": disk_bytes(Path(path))[1] - (Path(path) / META_FILE).stat().st_size}
     else:
-        report = checkpoint_report(path, trust_remote_code)
+        report = checkpoint_report(path, trust_remote_code, revision, token)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -50,15 +53,24 @@ def evaluate_command(
     dataset_config: DatasetConfig = None,
     dataset_split: DatasetSplit = "test",
     text_column: TextColumn = "text",
+    dataset_revision: DatasetRevision = None,
     seq_len: SeqLen = 512,
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows (default: "
                                                             "all).")] = None,
     no_perplexity: Annotated[bool, typer.Option(help="Skip perplexity (tasks only).")] = False,
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated lm-eval tasks, e.g. pydoc_cloze "
-                                                      "(offline, built in).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="Comma-separated lm-eval tasks or groups by the harness' names, e.g. "
+             "arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq or mmlu (downloaded once), or pydoc_cloze "
+             "(offline, built in).")] = None,
     include_path: Annotated[Optional[str], typer.Option(help="Folder of local lm-eval task YAMLs.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: at most this many documents per task.")] = None,
-    batch_size: BatchSize = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="lm-eval: examples in each prompt (default: each task's "
+                                                            "own, mostly 0; MMLU is reported 5-shot).")] = None,
+    apply_chat_template: Annotated[bool, typer.Option(help="lm-eval: wrap prompts in the tokenizer's chat template "
+                                                           "(few-shot examples as turns).")] = False,
+    batch_size: Annotated[Optional[str], typer.Option(
+        help="Windows per forward pass, and lm-eval's batch size: a number, or 'auto' for lm-eval to find the "
+             "largest that fits (default 4 on CPU, 16 on GPU; perplexity uses that default with auto).")] = None,
     quantize: Quantize = None,
     speed_aware: SpeedAware = False,
     structure: Structure = "mixed",
@@ -68,12 +80,14 @@ def evaluate_command(
     output: Annotated[Optional[Path], typer.Option(help="Write results (with protocol and versions) to this JSON "
                                                         "file.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write the size/quality curve to this PNG.")] = None,
+    revision: Revision = None,
+    token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Perplexity and lm-eval tasks of a model, or of many sizes from one compressible directory."""
     from .. import evaluate as ev
     from ..cards import update_card
-    from ..data import builtin_corpus, calibration_data
+    from ..data import TextSource, builtin_corpus, calibration_data
     from ..formats import META_FILE
     from ..loading import resolve_device
 
@@ -81,12 +95,16 @@ def evaluate_command(
     if no_perplexity and not task_list:
         raise HfCompressError("nothing to evaluate: drop --no-perplexity or name --tasks")
     check_quantize(quantize)
-    batch_size = batch_size or (4 if resolve_device(device).type == "cpu" else 16)
+    text = config_from(TextSource, locals())
+    default_batch = 4 if resolve_device(device).type == "cpu" else 16
+    batch_size = parse_batch_size(batch_size) or default_batch
+    task_options = config_from(ev.TaskOptions, locals())
+    windows_batch = default_batch if batch_size == "auto" else batch_size
     if (Path(path) / META_FILE).is_file():
         compressible = load_compressible(path, device, dtype, trust_remote_code)
         tokenizer = compressible.tokenizer
         if size_ratios.strip() == "auto":
-            ratios = [ratio_within_loss(compressible, max_loss_increase, dataset, seq_len, 8, quantize,
+            ratios = [ratio_within_loss(compressible, max_loss_increase, text, seq_len, 8, quantize,
                                         structure=structure, compensate=compensate)[0]]
         else:
             ratios = parse_ratios(size_ratios)
@@ -99,23 +117,20 @@ def evaluate_command(
         if speed_aware:
             raise HfCompressError("--speed-aware applies to sizes from a compressible directory; materialize "
                                   "one with `hf-compress materialize --speed-aware`")
-        net, tokenizer = load(path, device, dtype, trust_remote_code)
+        net, tokenizer = load(path, device, dtype, trust_remote_code, revision, token)
         models = iter([net])
     windows = None
     if not no_perplexity:
         split = "test" if builtin_corpus(dataset) else "calibration"
-        windows = calibration_data(tokenizer, dataset, seq_len=seq_len, split=split, max_windows=max_windows,
-                                   text_column=text_column, dataset_config=dataset_config,
-                                   dataset_split=dataset_split)
+        windows = calibration_data(tokenizer, text, seq_len=seq_len, split=split, max_windows=max_windows)
     windows_bytes = None if windows is None else ev.text_bytes(tokenizer, windows)
     records = []
     for model in models:
-        record = ev.evaluate(model, tokenizer, windows, task_list, include_path=include_path, limit=limit,
-                             batch_size=batch_size, windows_bytes=windows_bytes)
+        record = ev.evaluate(model, tokenizer, windows, task_list, windows_batch, windows_bytes, task_options)
         records.append(record)
         console.print(f"size ratio {record['size_ratio']:.3f}: " + summarize(record), highlight=False)
     print_records(records)
-    result = ev.results_document(str(path), records, windows, dataset, dataset_split, seq_len, task_list, limit)
+    result = ev.results_document(str(path), records, windows, dataset, dataset_split, seq_len, task_list, task_options)
     targets = [output] if output else []
     if Path(path).is_dir():  # beside the weights, where the model card and `push` look for it
         targets.append(Path(path) / ev.RESULTS_FILE)
@@ -134,8 +149,7 @@ def push(
     repo_id: Annotated[str, typer.Option(help="Hub repository, 'user/name' (created if missing).")],
     private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
     dry_run: DryRun = False,
-    token: Annotated[Optional[str], typer.Option(help="Hub token (default: the one `hf auth login` "
-                                                      "stored).")] = None,
+    token: Token = None,
 ):
     """Upload a directory to the Hub with a model card made from what it records: one commit, or one per
     5 GiB of files, so that an interrupted push resumes when rerun."""
@@ -149,6 +163,14 @@ def push(
     commits = f" in {plan['commits']} commits (rerun to resume if interrupted)" if plan["commits"] > 1 else ""
     console.print(f"[green]{'would push' if dry_run else 'pushed'}[/green] {len(plan['files'])} files with {card} "
                   f"to {where}{commits}", highlight=False)
+
+
+def parse_batch_size(text: str | None) -> int | str | None:
+    if text is None or text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise HfCompressError(f"--batch-size must be a positive number or auto, got '{text}'")
+    return int(text)
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -178,11 +200,11 @@ def print_records(records: list[dict]) -> None:
     Console(soft_wrap=True).print(table)
 
 
-def checkpoint_report(path: str, trust_remote_code: bool) -> dict:
+def checkpoint_report(path: str, trust_remote_code: bool, revision: str | None = None, token: str | None = None) -> dict:
     from ..formats import disk_bytes, size_report
     from ..loading import load_model
 
-    report = size_report(load_model(path, trust_remote_code=trust_remote_code)[0])
+    report = size_report(load_model(path, trust_remote_code=trust_remote_code, revision=revision, token=token)[0])
     if Path(path).is_dir():
         report["file_bytes"], report["other_bytes"] = disk_bytes(Path(path))
     return report

@@ -11,9 +11,10 @@ import typer
 
 from ..errors import HfCompressError
 from .app import app, check_output_dir, config_from, console, load, on_disk, progress_dir, quantized_note
-from .options import (BatchSize, Dataset, DatasetConfig, DatasetSplit, Device, Dtype, GradientCheckpointing,
-                      HeadsRatio, Layers, MaxSteps, Model, Output, Overwrite, Quantize, QuantizeHead, Ratio,
-                      SaveEvery, Seed, SeqLen, TextColumn, TrustRemoteCode, Windows)
+from .options import (BatchSize, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, Dtype,
+                      GradientCheckpointing, HeadsRatio, Layers, MaxSteps, Model, Output, Overwrite, Quantize,
+                      QuantizeHead, Ratio, Revision, SaveEvery, Seed, SeqLen, TextColumn, Token, TrustRemoteCode,
+                      Windows)
 
 
 @app.command("fold")
@@ -30,6 +31,8 @@ def fold_command(
     device: Device = None,
     dtype: Dtype = None,
     overwrite: Overwrite = False,
+    revision: Revision = None,
+    token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Fold a model data-free into a smaller one of the same architecture."""
@@ -38,7 +41,7 @@ def fold_command(
 
     config = config_from(FoldConfig, locals(), layers=parse_layers(layers, ratio))
     check_output_dir(output, overwrite)
-    net, tokenizer = load(model, device, dtype, trust_remote_code)
+    net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token)
     start = time.perf_counter()
     net = fold(net, config)
     seconds = time.perf_counter() - start
@@ -61,6 +64,7 @@ def prune_command(
     dataset_config: DatasetConfig = None,
     dataset_split: DatasetSplit = "train",
     text_column: TextColumn = "text",
+    dataset_revision: DatasetRevision = None,
     seq_len: SeqLen = 256,
     windows: Windows = None,
     batch_size: BatchSize = 4,
@@ -77,12 +81,14 @@ def prune_command(
     device: Device = None,
     dtype: Dtype = None,
     overwrite: Overwrite = False,
+    revision: Revision = None,
+    token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Prune whole MLP channels and key/value head groups into a smaller model of the same architecture."""
     from ..training import clear_progress
     from ..checkpoint import save_checkpoint
-    from ..data import calibration_data
+    from ..data import TextSource, calibration_data
     from ..loading import process_state
     from ..shrink import PruneConfig, prune
 
@@ -93,10 +99,10 @@ def prune_command(
     progress = progress_dir(output)  # torque's resumable state, removed when done
     if overwrite:
         clear_progress(progress)
-    net, tokenizer = load(model, device, dtype, trust_remote_code)
+    net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token)
     windows = windows or (max_steps * batch_size if method == "torque" else 64)
-    data = calibration_data(tokenizer, dataset, seq_len=seq_len, max_windows=windows, text_column=text_column,
-                            dataset_config=dataset_config, dataset_split=dataset_split) if config.needs_data else None
+    text = config_from(TextSource, locals())
+    data = calibration_data(tokenizer, text, seq_len=seq_len, max_windows=windows) if config.needs_data else None
     start = time.perf_counter()
     net = prune(net, data, config, dataset=dataset, progress_dir=progress)
     seconds = time.perf_counter() - start
