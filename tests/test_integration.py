@@ -59,7 +59,7 @@ def test_materialize_reload_in_fresh_process_and_generate(compressible, tmp_path
 
 def test_eval_sweep_with_the_builtin_lm_eval_task(compressible, tmp_path):
     out, _ = ok("eval", compressible, "--size-ratios", "0.6,1.0", "--max-windows", 2, "--tasks", "pydoc_cloze",
-                "--limit", 12, "--num-fewshot", 1, "--apply-chat-template", "--batch-size", "auto",
+                "--limit", 12, "--num-fewshot", 1, "--apply-chat-template", "--batch-size", 4,
                 "--output", tmp_path / "r.json", "--plot", tmp_path / "c.png")
     document = json.loads((tmp_path / "r.json").read_text())
     small, full = document["results"]
@@ -68,7 +68,7 @@ def test_eval_sweep_with_the_builtin_lm_eval_task(compressible, tmp_path):
     assert small["lm_eval"]["n_shot"] == {"pydoc_cloze": 1} and "im_start" in small["lm_eval"]["chat_template"]
     assert document["protocol"]["tasks"] | {"include_path": None} == {
         "names": ["pydoc_cloze"], "include_path": None, "limit": 12, "num_fewshot": 1, "apply_chat_template": True,
-        "batch_size": "auto"}
+        "batch_size": 4}
     assert " ± " in out  # the table shows standard errors
     assert (tmp_path / "c.png").stat().st_size > 10_000
 

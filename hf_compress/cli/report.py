@@ -70,7 +70,8 @@ def evaluate_command(
                                                            "(few-shot examples as turns).")] = False,
     batch_size: Annotated[Optional[str], typer.Option(
         help="Windows per forward pass, and lm-eval's batch size: a number, or 'auto' for lm-eval to find the "
-             "largest that fits (default 4 on CPU, 16 on GPU; perplexity uses that default with auto).")] = None,
+             "largest that fits on a GPU (slow on CPU, where nothing runs out; default 4 on CPU, 16 on GPU; "
+             "perplexity uses that default with auto).")] = None,
     quantize: Quantize = None,
     speed_aware: SpeedAware = False,
     structure: Structure = "mixed",
