@@ -26,6 +26,7 @@ from .data import builtin_corpus, builtin_text
 from .errors import HfCompressError
 from .formats import size_report
 from .loading import cache_dir
+from .offload import input_device
 
 BUILTIN_TASK = "pydoc_cloze"
 RESULTS_FILE = "eval_results.json"
@@ -36,7 +37,7 @@ STDERR = "_stderr"  # lm-eval's name for a metric's standard error
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, show_progress: bool = False) -> dict:
     """exp(mean NLL) over every predicted token of the (n x seq_len) windows, each scored
     independently (no context carried across windows)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not show_progress, leave=False):
         batch = batch.to(device)
@@ -129,7 +130,7 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], options: TaskOptions = Tas
                               "tasks), or local task YAMLs in --include-path")
     if options.apply_chat_template and not getattr(tokenizer, "chat_template", None):
         raise HfCompressError("--apply-chat-template needs a tokenizer with a chat template, and this one has none")
-    device = str(next(model.parameters()).device)
+    device = str(input_device(model))
     wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=device)
     output = simple_evaluate(wrapper, tasks=tasks, task_manager=manager, limit=options.limit,
                              num_fewshot=options.num_fewshot, apply_chat_template=options.apply_chat_template,

@@ -102,10 +102,13 @@ class StoredTensor:
 
 
 def stored_tensors(model: nn.Module) -> list[StoredTensor]:
-    """What `save_pretrained` writes of a model: its state, tied weights once."""
+    """What `save_pretrained` writes of a model: its state, tied weights once (weights Accelerate
+    offloaded sit on the meta device, where every tensor has address 0: one object is one tensor)."""
+    objects = {name: id(t) for name, t in [*model.named_parameters(remove_duplicate=False),
+                                           *model.named_buffers(remove_duplicate=False)]}
     seen, tensors = set(), []
     for name, tensor in model.state_dict().items():
-        key = (tensor.device, tensor.data_ptr(), tensor.nbytes)
+        key = ("meta", objects.get(name, name)) if tensor.is_meta else (tensor.device, tensor.data_ptr(), tensor.nbytes)
         if not tensor.nbytes or key not in seen:  # an empty factor (rank 0) is still listed
             seen.add(key)
             tensors.append(StoredTensor(name, tensor.dtype, tuple(tensor.shape)))

@@ -8,6 +8,7 @@ packages), each converted once to a cached safetensors checkpoint.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.metadata
 import json
@@ -143,35 +144,50 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | torch.device | None = None,
-               trust_remote_code: bool = False, revision: str | None = None, token: str | None = None):
+               trust_remote_code: bool = False, revision: str | None = None, token: str | None = None,
+               device_map: str | None = None, max_memory: dict | None = None):
     """Load `(model, tokenizer)` from a Hub id (at `revision`, with `token` for a gated or private
     one), a local directory, a `.gguf` file or `demo`, on `device` (default CPU). A directory
     written by hf-compress loads with its factorized, resized or quantized layers, no remote code
     needed unless its base architecture is remote code (`trust_remote_code`, as in transformers).
+
+    `device_map` ("auto", "balanced", "sequential") spreads a model that does not fit one device
+    over the GPUs, the CPU and disk within `max_memory` ({device: bytes}), as Accelerate's
+    big-model loading does; what goes to disk is offloaded to a temporary folder.
     """
     source = str(source)
     if spec := bundled(source):
         with process_state().main_process_first():  # one process converts, the others wait
-            model, tokenizer = load_model(spec.checkpoint(), dtype, device)
+            model, tokenizer = load_model(spec.checkpoint(), dtype, device, device_map=device_map, max_memory=max_memory)
         model.config.name_or_path = source  # recorded as the source: model cards know what it is
         return model, tokenizer
     if source.endswith(".gguf"):
         path = Path(source)
         if not path.is_file():
             raise HfCompressError(f"GGUF file not found: {source}")
+        if device_map:
+            raise HfCompressError("--device-map needs a safetensors checkpoint: convert the GGUF file first "
+                                  "(any hf-compress command that writes a checkpoint, e.g. quantize or fold)")
         model, tokenizer = _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
         return model.to(device or "cpu"), tokenizer
     hub = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
     config = load_config(source, **hub)
+    placement = ({"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder()}
+                 if device_map else {"device_map": None if device is None else {"": torch.device(device)}})
     try:
         local_without_tokenizer = Path(source).is_dir() and not (Path(source) / "tokenizer_config.json").exists()
         tokenizer = None if local_without_tokenizer else AutoTokenizer.from_pretrained(source, **hub)
-        device_map = None if device is None else {"": torch.device(device)}  # quantized weights load there
-        model = model_class_for(config, trust_remote_code).from_pretrained(
-            source, dtype=dtype, device_map=device_map, **hub)
+        model = model_class_for(config, trust_remote_code).from_pretrained(source, dtype=dtype, **placement, **hub)
     except (OSError, ValueError) as err:
         raise _cannot_load(source, err) from None
     return model.eval(), tokenizer
+
+
+def offload_folder() -> str:
+    """A folder for the weights Accelerate offloads to disk, removed when the process ends."""
+    folder = tempfile.mkdtemp(prefix="hf-compress-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def load_config(source: str | os.PathLike, trust_remote_code: bool = False, revision: str | None = None,
@@ -245,6 +261,20 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
         raise HfCompressError(f"size must look like 60MB, 60MiB or 1.5GB, got '{text}'")
     return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def parse_max_memory(text: str) -> dict:
+    """'8GiB' (the CPU) or 'cuda:0=20GiB,cpu=8GiB' (per device) for Accelerate's max_memory."""
+    limits = {}
+    for part in text.split(","):
+        device, _, size = part.rpartition("=")
+        device = device.strip() or "cpu"
+        if device.startswith("cuda:"):
+            device = device[5:]
+        if not (device == "cpu" or device.isdigit()):
+            raise HfCompressError(f"--max-memory takes sizes per device like 'cuda:0=20GiB,cpu=8GiB' or '8GiB', got '{text}'")
+        limits[int(device) if device.isdigit() else device] = parse_size(size)
+    return limits
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from .errors import HfCompressError
 from .formats import mark_compressed, source_of, source_sizes
 from .layers import StoredTensor, layer_shape
+from .offload import input_device
 
 METHODS = ("nf4", "fp4", "int8")
 FOUR_BIT_BLOCK = 64  # values per absmax scale, and the input block of the CPU kernel
@@ -111,7 +112,7 @@ def quantize(model: PreTrainedModel, method: str = "nf4", quantize_head: bool = 
         raise HfCompressError("the output head shares its weights with the input embeddings, which stay in "
                               "float; quantizing it would untie them")
     skip = unquantized_modules(model, method, quantize_head)
-    device = next(model.parameters()).device
+    device = input_device(model)
     with tempfile.TemporaryDirectory(prefix="hf-compress-quantize-") as tmp:
         model.save_pretrained(tmp)
         quantized = type(model).from_pretrained(  # its own class: remote-code and factorized ones too

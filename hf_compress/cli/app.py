@@ -53,11 +53,26 @@ def progress_dir(output: Path) -> Path:
 
 
 def load(model: str, device: str | None, dtype: str | None, trust_remote_code: bool, revision: str | None = None,
-         token: str | None = None):
+         token: str | None = None, device_map: str | None = None, max_memory: str | None = None):
     from ..loading import load_model, resolve_device, resolve_dtype
 
     where = resolve_device(device)
-    return load_model(model, resolve_dtype(dtype, where), where, trust_remote_code, revision, token)
+    return load_model(model, resolve_dtype(dtype, where), where, trust_remote_code, revision, token,
+                      **placement(device_map, max_memory))
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def placement(device_map: str | None, max_memory: str | None) -> dict:
+    """load_model's device_map and max_memory from the options (--max-memory alone means auto)."""
+    from ..loading import parse_max_memory
+
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise HfCompressError(f"--device-map takes {', '.join(DEVICE_MAPS)}, not '{device_map}'")
+    if max_memory is None:
+        return {"device_map": device_map, "max_memory": None}
+    return {"device_map": device_map or "auto", "max_memory": parse_max_memory(max_memory)}
 
 
 def load_compressible(path, device: str | None, dtype: str | None, trust_remote_code: bool):

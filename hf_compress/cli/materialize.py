@@ -10,7 +10,8 @@ import typer
 from ..errors import HfCompressError
 from .app import (app, check_output_dir, check_quantize, check_ratio, config_from, console, load, load_compressible,
                   on_disk, quantized_note, ratio_within_loss)
-from .options import (MODEL_HELP, Compensate, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, Dtype,
+from .options import (MODEL_HELP, Compensate, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, DeviceMap,
+                      Dtype, MaxMemory,
                       MaxLossIncrease, Output, Overwrite, Quantize, QuantizeHead, Revision, SeqLen, SizeRatio,
                       SpeedAware, Structure, TextColumn, Token, TrustRemoteCode, Windows)
 
@@ -85,6 +86,8 @@ def quantize_command(
     quantize_head: QuantizeHead = False,
     device: Device = None,
     dtype: Dtype = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     overwrite: Overwrite = False,
     revision: Revision = None,
     token: Token = None,
@@ -96,7 +99,7 @@ def quantize_command(
 
     check_quantize(method)
     check_output_dir(output, overwrite)
-    net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token)
+    net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token, device_map, max_memory)
     quantized = quantize(net, method, quantize_head)
     save_checkpoint(quantized, tokenizer, output, overwrite=overwrite)
     console.print(f"[green]wrote[/green] {output}: {on_disk(output)}{quantized_note(quantized)}",

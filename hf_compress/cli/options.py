@@ -26,6 +26,12 @@ Device = Annotated[Optional[str], typer.Option(
 Dtype = Annotated[Optional[str], typer.Option(
     help="float32, bfloat16 or float16 (default: the source's dtype on GPU, float32 on CPU). The pass's masks "
          "and scores stay float32.")]
+DeviceMap = Annotated[Optional[str], typer.Option(
+    help="auto, balanced or sequential: spread a model that does not fit one device over the GPUs, the CPU and disk, "
+         "as Accelerate's big-model loading does (weights past --max-memory are offloaded; slower, never wrong).")]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    help="With --device-map: the most each device holds, e.g. 'cuda:0=20GiB,cpu=8GiB' or '8GiB' (the CPU); the "
+         "rest goes to disk. Setting it implies --device-map auto.")]
 TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow a model that ships its own modeling code to run it (as transformers' "
                                 "trust_remote_code).")]

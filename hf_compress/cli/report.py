@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import HfCompressError
-from .app import app, check_quantize, check_ratio, config_from, console, load, load_compressible, ratio_within_loss
-from .options import (MODEL_HELP, Compensate, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device,
-                      DryRun, Dtype, MaxLossIncrease, Quantize, Revision, SeqLen, SpeedAware, Structure, TextColumn,
+from .app import (app, check_quantize, check_ratio, config_from, console, load, load_compressible, placement,
+                  ratio_within_loss)
+from .options import (MODEL_HELP, Compensate, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, DeviceMap,
+                      DryRun, Dtype, MaxLossIncrease, MaxMemory, Quantize, Revision, SeqLen, SpeedAware, Structure, TextColumn,
                       Token, TrustRemoteCode)
 
 
@@ -21,6 +22,8 @@ from .options import (MODEL_HELP, Compensate, Dataset, DatasetConfig, DatasetRev
 def info(
     path: Annotated[str, typer.Argument(help=f"A compressible directory or a model ({MODEL_HELP})")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     revision: Revision = None,
     token: Token = None,
     trust_remote_code: TrustRemoteCode = False,
@@ -31,10 +34,11 @@ def info(
     if (Path(path) / META_FILE).is_file():
         from ..acip import CompressibleModel
 
+        refuse_device_map(device_map, max_memory)
         report = {"compressible": path, **CompressibleModel.from_pretrained(path, trust_remote_code).report(),
                   "other_bytes": disk_bytes(Path(path))[1] - (Path(path) / META_FILE).stat().st_size}
     else:
-        report = checkpoint_report(path, trust_remote_code, revision, token)
+        report = checkpoint_report(path, trust_remote_code, revision, token, device_map, max_memory)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -78,6 +82,8 @@ def evaluate_command(
     compensate: Compensate = True,
     device: Device = None,
     dtype: Dtype = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     output: Annotated[Optional[Path], typer.Option(help="Write results (with protocol and versions) to this JSON "
                                                         "file.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write the size/quality curve to this PNG.")] = None,
@@ -102,6 +108,7 @@ def evaluate_command(
     task_options = config_from(ev.TaskOptions, locals())
     windows_batch = default_batch if batch_size == "auto" else batch_size
     if (Path(path) / META_FILE).is_file():
+        refuse_device_map(device_map, max_memory)
         compressible = load_compressible(path, device, dtype, trust_remote_code)
         tokenizer = compressible.tokenizer
         if size_ratios.strip() == "auto":
@@ -118,7 +125,7 @@ def evaluate_command(
         if speed_aware:
             raise HfCompressError("--speed-aware applies to sizes from a compressible directory; materialize "
                                   "one with `hf-compress materialize --speed-aware`")
-        net, tokenizer = load(path, device, dtype, trust_remote_code, revision, token)
+        net, tokenizer = load(path, device, dtype, trust_remote_code, revision, token, device_map, max_memory)
         models = iter([net])
     windows = None
     if not no_perplexity:
@@ -166,6 +173,12 @@ def push(
                   f"to {where}{commits}", highlight=False)
 
 
+def refuse_device_map(device_map: str | None, max_memory: str | None) -> None:
+    if device_map or max_memory:
+        raise HfCompressError("a compressible directory materializes on one device (--device); --device-map and "
+                              "--max-memory apply to models and checkpoints")
+
+
 def parse_batch_size(text: str | None) -> int | str | None:
     if text is None or text == "auto":
         return text
@@ -201,11 +214,14 @@ def print_records(records: list[dict]) -> None:
     Console(soft_wrap=True).print(table)
 
 
-def checkpoint_report(path: str, trust_remote_code: bool, revision: str | None = None, token: str | None = None) -> dict:
+def checkpoint_report(path: str, trust_remote_code: bool, revision: str | None = None, token: str | None = None,
+                      device_map: str | None = None, max_memory: str | None = None) -> dict:
     from ..formats import disk_bytes, size_report
     from ..loading import load_model
 
-    report = size_report(load_model(path, trust_remote_code=trust_remote_code, revision=revision, token=token)[0])
+    model = load_model(path, trust_remote_code=trust_remote_code, revision=revision, token=token,  # its own dtype
+                       **placement(device_map, max_memory))[0]
+    report = size_report(model)
     if Path(path).is_dir():
         report["file_bytes"], report["other_bytes"] = disk_bytes(Path(path))
     return report

@@ -11,8 +11,8 @@ import typer
 
 from ..errors import HfCompressError
 from .app import app, check_output_dir, config_from, console, load, on_disk, progress_dir, quantized_note
-from .options import (BatchSize, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, Dtype,
-                      GradientCheckpointing, HeadsRatio, Layers, MaxSteps, Model, Output, Overwrite, Quantize,
+from .options import (BatchSize, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, DeviceMap, Dtype,
+                      GradientCheckpointing, HeadsRatio, Layers, MaxMemory, MaxSteps, Model, Output, Overwrite, Quantize,
                       QuantizeHead, Ratio, Revision, SaveEvery, Seed, SeqLen, TextColumn, Token, TrustRemoteCode,
                       Windows)
 
@@ -30,6 +30,8 @@ def fold_command(
     quantize_head: QuantizeHead = False,
     device: Device = None,
     dtype: Dtype = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     overwrite: Overwrite = False,
     revision: Revision = None,
     token: Token = None,
@@ -41,7 +43,7 @@ def fold_command(
 
     config = config_from(FoldConfig, locals(), layers=parse_layers(layers, ratio))
     check_output_dir(output, overwrite)
-    net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token)
+    net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token, device_map, max_memory)
     start = time.perf_counter()
     net = fold(net, config)
     seconds = time.perf_counter() - start
@@ -80,6 +82,8 @@ def prune_command(
     quantize_head: QuantizeHead = False,
     device: Device = None,
     dtype: Dtype = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     overwrite: Overwrite = False,
     revision: Revision = None,
     token: Token = None,
@@ -94,12 +98,15 @@ def prune_command(
 
     config = config_from(PruneConfig, locals(), layers=parse_layers(layers, ratio))
     check_output_dir(output, overwrite)
+    if method == "torque" and (device_map or max_memory):
+        raise HfCompressError("prune --method torque trains the model, on one device or under accelerate launch; "
+                              "--device-map and --max-memory apply to the other methods")
     if device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"  # torque trains where Accelerate puts it
     progress = progress_dir(output)  # torque's resumable state, removed when done
     if overwrite:
         clear_progress(progress)
-    net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token)
+    net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token, device_map, max_memory)
     windows = windows or (max_steps * batch_size if method == "torque" else 64)
     text = config_from(TextSource, locals())
     data = calibration_data(tokenizer, text, seq_len=seq_len, max_windows=windows) if config.needs_data else None

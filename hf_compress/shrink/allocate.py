@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layers import decoder_blocks
+from ..offload import input_device, resident
 from ..quantize import width_multiple
 from .config import ShrinkConfig
 from .rewrite import check_head_counts, kept_units, shrink_site
@@ -59,7 +60,7 @@ def block_inputs(model, windows: torch.Tensor) -> dict[int, tuple[tuple, dict]]:
 
     hooks = [block.register_forward_pre_hook(capture(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
-        model(windows.to(next(model.parameters()).device), use_cache=False)
+        model(windows.to(input_device(model)), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
@@ -79,7 +80,8 @@ class SiteCost:
         self.selection, self.multiple = selection, multiple
         self.units = site.reads[0].units
         self.steps = sorted({kept_units(r, self.units, multiple) for r in GRID} - {self.units}, reverse=True)
-        self.reference = self._output(block)
+        with resident(block):
+            self.reference = self._output(block)
         self.cache: dict[int, float] = {self.units: 0.0}
 
     def _output(self, block) -> torch.Tensor:
@@ -90,7 +92,8 @@ class SiteCost:
     def __call__(self, k: int) -> float:
         """Squared error relative to the block's output, this site alone shrunk to k units."""
         if k not in self.cache:
-            trial = copy.deepcopy(self.block)
+            with resident(self.block):  # a block Accelerate offloaded is read back for each trial
+                trial = copy.deepcopy(self.block)
             shrink_site(trial, self.index, self.site, k / self.units, self.selection, self.multiple)
             error = (self._output(trial) - self.reference).pow(2).sum() / self.reference.pow(2).sum()
             self.cache[k] = float(error)

@@ -16,6 +16,7 @@ from ..formats import mark_compressed, source_sizes
 from ..errors import HfCompressError
 from ..modeling_hf_compress import layer_like, replace_layer_
 from ..layers import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight
+from ..offload import resident
 from ..quantize import quantize, width_multiple
 from .config import ShrinkConfig
 from .selection import Selection
@@ -123,8 +124,9 @@ def rewrite(model: PreTrainedModel, config: ShrinkConfig, selection: Selection, 
     kept = {"mlp": set(), "attention": set()}
     multiple = width_multiple(config.quantize)
     for index, ratio, site in tqdm(found, desc=ing(config.verb), disable=not show_progress, leave=False):
-        kept[site.kind].add(shrink_site(blocks[index], index, site, ratio, selection,
-                                        multiple if site.kind == "mlp" else 1))
+        with resident(blocks[index], keep_changes=True):
+            kept[site.kind].add(shrink_site(blocks[index], index, site, ratio, selection,
+                                            multiple if site.kind == "mlp" else 1))
     if uniform:
         shrink_config(text_config, blocks, kept["mlp"].pop(), kept["attention"].pop() if kept["attention"] else None)
     shrunk = find_targets(model)

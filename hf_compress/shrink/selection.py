@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..layers import decoder_blocks, dense_weight
+from ..offload import input_device, resident
 from .config import PruneConfig
 from .sites import Site
 
@@ -105,7 +106,7 @@ def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tu
 
     hooks = [blocks[index].get_submodule(seg.module).register_forward_pre_hook(accumulate((index, seg.module)))
              for index, _, site in found for seg in site.writes]
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for batch in tqdm(data.split(batch_size), desc="activations", disable=not show_progress, leave=False):
             model(batch.to(device), use_cache=False)
@@ -115,10 +116,11 @@ def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tu
     table = {}
     for index, _, site in found:
         total = 0
-        for seg in site.writes:
-            columns = slice(seg.start, seg.start + seg.units * seg.per_unit)
-            weight = dense_weight(blocks[index].get_submodule(seg.module)).float()[:, columns]
-            score = weight.abs().sum(0) * squares[index, seg.module][columns].sqrt()
-            total = total + score.reshape(seg.units, seg.per_unit).sum(1)
+        with resident(blocks[index]):
+            for seg in site.writes:
+                columns = slice(seg.start, seg.start + seg.units * seg.per_unit)
+                weight = dense_weight(blocks[index].get_submodule(seg.module)).float()[:, columns]
+                score = weight.abs().sum(0) * squares[index, seg.module][columns].sqrt()
+                total = total + score.reshape(seg.units, seg.per_unit).sum(1)
         table[index, site.kind] = total
     return table

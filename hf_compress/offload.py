@@ -1,0 +1,73 @@
+"""Models spread by Accelerate's big-model loading (`device_map="auto"`, `max_memory`): where their
+inputs go, and a part of them made resident while it is rewritten.
+
+Accelerate offloads a model module by module: an offloaded module's weights sit on the meta
+device and a hook loads them (from CPU memory or from disk) for each forward. Reading or
+rewriting weights outside a forward (fold, prune, the allocation's trial shrinks) needs them
+resident first; `resident` loads them, and afterwards offloads what the block then holds, its
+rewritten layers included, the way it found them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+
+import torch
+from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+from accelerate.utils import OffloadedWeightsLoader, offload_state_dict, set_module_tensor_to_device
+from torch import nn
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the device its first layers run on (its own parameters may
+    sit on the meta device when Accelerate offloaded them)."""
+    hook = getattr(model, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(model.parameters()).device
+
+
+def _offloading_hooks(module: nn.Module) -> dict[str, object]:
+    return {name: sub._hf_hook for name, sub in module.named_modules()
+            if getattr(getattr(sub, "_hf_hook", None), "offload", False)}
+
+
+@contextmanager
+def resident(module: nn.Module, keep_changes: bool = False):
+    """Within the block, the offloaded weights of `module`'s layers are real tensors on the device
+    they run on (nothing happens to a module that is not offloaded). With `keep_changes` what the
+    layers hold at the end (a rewritten layer may be a new module of another shape) is offloaded
+    in their place: to a new folder beside the offload folder when they were on disk."""
+    hooks = _offloading_hooks(module)
+    for name, hook in hooks.items():
+        layer = module.get_submodule(name)
+        remove_hook_from_module(layer)
+        for key in _offloaded_tensors(layer, hook):
+            set_module_tensor_to_device(layer, key, hook.execution_device, value=hook.weights_map[key])
+    try:
+        yield module
+    finally:
+        for name, hook in hooks.items():
+            layer = module.get_submodule(name)
+            if keep_changes:
+                hook.weights_map = _offload(layer, hook)
+            add_hook_to_module(layer, hook)  # its init moves the weights back to the meta device
+
+
+def _offloaded_tensors(layer: nn.Module, hook) -> list[str]:
+    names = [name for name, _ in layer.named_parameters(recurse=False)]
+    if hook.offload_buffers:
+        names += [name for name, _ in layer.named_buffers(recurse=False)]
+    return names
+
+
+def _offload(layer: nn.Module, hook):
+    """The layer's current weights where the hook found its old ones: a folder on disk, or CPU memory."""
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in layer.state_dict().items()}
+    loader = getattr(hook.weights_map, "dataset", hook.weights_map)
+    if isinstance(loader, OffloadedWeightsLoader) and loader.save_folder is not None:
+        folder = tempfile.mkdtemp(prefix="rewritten-", dir=loader.save_folder)  # removed with the offload folder
+        offload_state_dict(folder, tensors)
+        return OffloadedWeightsLoader(save_folder=folder)
+    return tensors
