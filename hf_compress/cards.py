@@ -14,7 +14,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .errors import HfCompressError
 from .evaluate import RESULTS_FILE, results_table
-from .formats import FACTORS_FILE, META_FILE, empty_model, quantization_of
+from .formats import META_FILE, empty_model, factor_files, quantization_of
 from .loading import BUNDLED, read_json
 
 CARD_FILE = "README.md"
@@ -36,8 +36,8 @@ def describe(path: str | Path) -> dict:
     if (path / META_FILE).is_file():
         meta = read_json(path / META_FILE, "compressible metadata")
         kind, info = "compressible", {**meta.get("summary", {}), "method": "acip", "config": meta.get("config")}
-        if not (path / FACTORS_FILE).is_file():
-            raise HfCompressError(f"{path} is not a complete compressible directory (no {FACTORS_FILE})")
+        if missing := [file.name for file in factor_files(path) if not file.is_file()]:
+            raise HfCompressError(f"{path} is not a complete compressible directory (no {', '.join(missing)})")
     elif "hf_compress" in config or "quantization_config" in config:
         kind, info = "checkpoint", config.get("hf_compress", {})
     else:

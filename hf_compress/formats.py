@@ -12,7 +12,6 @@ from the package, so it needs no remote code and gives identical logits.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import warnings
@@ -20,18 +19,21 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save, get_class_from_dynamic_module
 
 from . import modeling_hf_compress
 from .errors import HfCompressError
-from .layers import find_targets, layer_shape, logical_numel, tensor_bytes
+from .layers import SHARD_BYTES, find_targets, layer_shape, logical_numel, tensor_bytes
 from .modeling_hf_compress import FactorizedLinear, HfCompressMixin
 
 MODELING_FILE = "modeling_hf_compress.py"
 CLASS_NAME = "HfCompressForCausalLM"
 FORMAT_VERSION = 1
-FACTORS_FILE = "acip.safetensors"  # a compressible directory (acip/compressible.py): the pass's factors
+FACTORS_FILE = "acip.safetensors"  # a compressible directory (acip/compressible.py): the pass's factors,
+FACTORS_INDEX = FACTORS_FILE + ".index.json"  # or shards of them (acip-00001-of-0000N.safetensors) and their index
 META_FILE = "acip.json"  # and its settings, shapes, sites and summary
 
 _TRAILER = '''
@@ -61,7 +63,28 @@ class _WritesModelingFile:
         (Path(save_directory) / MODELING_FILE).write_text(source + trailer)
 
 
-@functools.cache
+def save_factors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str = SHARD_BYTES) -> None:
+    """The pass's factors as model weights are stored: one file, or shards of at most
+    `max_shard_size` and an index (a 70B pass's factors are far past the Hub's per-file limit)."""
+    save_torch_state_dict(tensors, directory, filename_pattern=FACTORS_FILE.replace(".safetensors", "{suffix}.safetensors"),
+                          max_shard_size=max_shard_size)
+
+
+def factor_files(directory: Path) -> list[Path]:
+    """The files that hold a compressible directory's factors (as its index lists them)."""
+    index = directory / FACTORS_INDEX
+    if not index.is_file():
+        return [directory / FACTORS_FILE]
+    try:
+        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    except (json.JSONDecodeError, KeyError, AttributeError):
+        raise HfCompressError(f"{index} is not an index of safetensors files; rerun `hf-compress compress`") from None
+
+
+def load_factors(directory: Path) -> dict[str, torch.Tensor]:
+    return {name: tensor for file in factor_files(directory) for name, tensor in load_file(file).items()}
+
+
 def written_by_hf_compress(path: Path) -> bool:
     """A directory hf-compress wrote (a compressible directory, or a checkpoint whose config holds
     the hf_compress record), or an empty one: what `--overwrite` may replace."""

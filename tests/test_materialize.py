@@ -7,11 +7,13 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ARCHS, tiny_data, tiny_model
 from hf_compress import CompressibleModel, acip, load_model
 from hf_compress.acip.gates import unit_cost
 from hf_compress.checkpoint import save_checkpoint
+from hf_compress.errors import HfCompressError
 from hf_compress.formats import MODELING_FILE, size_report
 from hf_compress.layers import dense_weight
 
@@ -54,11 +56,22 @@ def test_full_ratio_is_dense_plus_lora(compressible):
         torch.testing.assert_close(dense_weight(full.get_submodule(name)), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_compressible_round_trip(compressible, tmp_path):
-    compressible.save_pretrained(tmp_path / "c")
+def test_compressible_round_trip_in_shards(compressible, tmp_path):
+    """Factors and base in files of at most 64 KB (a 70B pass's factors need shards past the
+    Hub's per-file limit): an index lists them, and a directory missing one is refused."""
+    compressible.save_pretrained(tmp_path / "c", max_shard_size="64KB")
+    shards = sorted(p.name for p in (tmp_path / "c").glob("acip-*.safetensors"))
+    index = json.loads((tmp_path / "c" / "acip.safetensors.index.json").read_text())
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    for shard in (tmp_path / "c").glob("*.safetensors"):  # the limit is on tensor data, as transformers counts it
+        tensors = load_file(shard)
+        assert sum(t.nbytes for t in tensors.values()) <= 64_000 or len(tensors) == 1
     reloaded = CompressibleModel.from_pretrained(tmp_path / "c")
     data = tiny_data(2)
     torch.testing.assert_close(reloaded.materialize(0.5)(data).logits, compressible.materialize(0.5)(data).logits)
+    (tmp_path / "c" / shards[-1]).unlink()
+    with pytest.raises(HfCompressError, match="not a complete compressible directory"):
+        CompressibleModel.from_pretrained(tmp_path / "c")
 
 
 def test_checkpoint_loads_with_and_without_remote_code(compressible, tmp_path):

@@ -23,16 +23,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..cards import write_card
 from ..evaluate import perplexity
-from ..formats import FACTORS_FILE, META_FILE, mark_compressed, model_class_for
+from ..formats import META_FILE, load_factors, mark_compressed, model_class_for, save_factors
 from ..errors import HfCompressError
 from ..io import atomic_dir
-from ..layers import (LayerShape, StoredTensor, decoder_blocks, dense_weight, files_bytes, set_dense_weight,
-                      stored_tensors)
+from ..layers import (SHARD_BYTES, LayerShape, StoredTensor, decoder_blocks, dense_weight, files_bytes,
+                      set_dense_weight, stored_tensors)
 from ..loading import load_config, read_json
 from ..quantize import linear_tensors, quantize as quantize_model, width_multiple
 from ..speed import call_overhead_params
@@ -445,7 +444,9 @@ class CompressibleModel:
 
     # --- persistence ---------------------------------------------------------------------
 
-    def save_pretrained(self, output: str | Path, overwrite: bool = False) -> Path:
+    def save_pretrained(self, output: str | Path, overwrite: bool = False, max_shard_size: int | str = SHARD_BYTES) -> Path:
+        """The dense base as transformers saves it, the factors beside it (both in files of at most
+        `max_shard_size`), the settings and summary, and a card."""
         tensors = {}
         for name, f in self.layers.items():
             for key in FACTOR_KEYS:
@@ -466,10 +467,10 @@ class CompressibleModel:
             "summary": self.summary,
         }
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            self.base_model.save_pretrained(tmp)
+            self.base_model.save_pretrained(tmp, max_shard_size=max_shard_size)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            save_file(tensors, tmp / FACTORS_FILE)
+            save_factors(tensors, tmp, max_shard_size)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
             write_card(tmp, Path(output).name)
         return Path(output)
@@ -487,7 +488,7 @@ class CompressibleModel:
         if meta.get("format_version") != FORMAT_VERSION:
             raise HfCompressError(f"{path}: unsupported format version {meta.get('format_version')}")
         try:
-            tensors = load_file(path / FACTORS_FILE)
+            tensors = load_factors(path)
             layers = {}
             for name, shape in meta["layers"].items():
                 parts = {k: tensors[f"{name}.{k}"] for k in FACTOR_KEYS}
