@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO ?= runs/demo
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install second-model demo test test-fast test-install bench clean
+.PHONY: install second-model demo test test-fast test-install bench gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ bench: install second-model
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/fold_demo.py
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/quantize_demo.py
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/objectives_demo.py
+
+# What the GPU check (bench/gpu_check.sh) carries to a machine with torch, transformers and accelerate only.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl "bitsandbytes>=0.46"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,12 +1,46 @@
 """What the benchmark scripts share: held-out windows, perplexity at several sizes, one pass run and
-measured, and the results JSON with its Markdown table. No benchmark script imports another."""
+measured, published shapes as random checkpoints, and the results JSON with its Markdown table. No
+benchmark script imports another."""
 
 import json
 import time
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
 import hf_compress as hfc
+from hf_compress.data import builtin_text
 from hf_compress.evaluate import perplexity
+
+SHAPES = {  # the published configs' shapes; "tiny" for the scripts' smoke runs
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      vocab_size=32000, num_hidden_layers=32),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256, num_hidden_layers=32, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                        vocab_size=128256, num_hidden_layers=16, rope_theta=500000.0, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=512, num_hidden_layers=2, max_position_embeddings=512),
+}
+
+
+def save_random_model(shape: str, path: Path, blocks: int | None = None, dtype: torch.dtype = torch.float32,
+                      device: str = "cpu") -> LlamaConfig:
+    """A Llama of a published shape with random weights, saved with a word-level tokenizer trained on
+    the builtin text (so every command runs on it offline)."""
+    config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": blocks} if blocks else {})})
+    torch.manual_seed(0)
+    with torch.device(device):  # initialized where it runs: an 8B model builds in seconds on a GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path)
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(builtin_text().splitlines(), trainers.WordLevelTrainer(
+        vocab_size=min(config.vocab_size, 8192), special_tokens=["<unk>", "<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
+    return config
 
 
 def save_and_print(out: Path, name: str, results: dict, columns: list[str], rows: dict[str, list[str]]) -> None:

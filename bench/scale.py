@@ -31,12 +31,8 @@ import hf_compress as hfc  # noqa: E402
 from hf_compress.formats import empty_model  # noqa: E402
 from hf_compress.plan import meta_model, plan_memory  # noqa: E402
 
-SHAPES = {  # the published configs' shapes
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                      vocab_size=32000, num_hidden_layers=32),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                      vocab_size=128256, num_hidden_layers=32, rope_theta=500000.0),
-}
+from common import SHAPES  # noqa: E402
+
 GIB = 2**30
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import inspect
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from huggingface_hub import save_torch_state_dict
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save, get_class_from_dynamic_module
 
@@ -66,7 +67,9 @@ class _WritesModelingFile:
 def save_factors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str = SHARD_BYTES) -> None:
     """The pass's factors as model weights are stored: one file, or shards of at most
     `max_shard_size` and an index (a 70B pass's factors are far past the Hub's per-file limit)."""
-    save_torch_state_dict(tensors, directory, filename_pattern=FACTORS_FILE.replace(".safetensors", "{suffix}.safetensors"),
+    whole = {key: t if t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes else t.clone()  # views: own copy
+             for key, t in tensors.items()}
+    save_torch_state_dict(whole, directory, filename_pattern=FACTORS_FILE.replace(".safetensors", "{suffix}.safetensors"),
                           max_shard_size=max_shard_size)
 
 
@@ -81,8 +84,39 @@ def factor_files(directory: Path) -> list[Path]:
         raise HfCompressError(f"{index} is not an index of safetensors files; rerun `hf-compress compress`") from None
 
 
-def load_factors(directory: Path) -> dict[str, torch.Tensor]:
-    return {name: tensor for file in factor_files(directory) for name, tensor in load_file(file).items()}
+class StoredFactors:
+    """A compressible directory's factors, read from their files when used: a large pass's factors
+    outweigh the model itself, and one size needs only the kept singular vectors of each layer."""
+
+    def __init__(self, directory: Path):
+        self.files: dict[str, Path] = {}
+        for file in factor_files(directory):
+            with safe_open(file, "pt") as tensors:
+                self.files |= dict.fromkeys(tensors.keys(), file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def load(self, key: str) -> torch.Tensor:
+        with safe_open(self.files[key], "pt") as tensors:
+            return tensors.get_tensor(key)
+
+    def on_disk(self, key: str) -> OnDisk:
+        if key not in self.files:
+            raise KeyError(key)
+        return OnDisk(self.files[key], key)
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """A tensor left in its safetensors file: indexing reads only what it selects (`u[:, :rank]`)."""
+
+    file: Path
+    key: str
+
+    def __getitem__(self, index) -> torch.Tensor:
+        with safe_open(self.file, "pt") as tensors:
+            return tensors.get_slice(self.key)[index]
 
 
 def written_by_hf_compress(path: Path) -> bool:

@@ -115,12 +115,12 @@ def stored_tensors(model: nn.Module) -> list[StoredTensor]:
     return tensors
 
 
-def files_bytes(tensors: list[StoredTensor]) -> int:
+def files_bytes(tensors: list[StoredTensor], shard_bytes: int = SHARD_BYTES) -> int:
     """Bytes of the safetensors files holding `tensors`, headers included (at most: every offset
     counted at the largest width), and the index that lists them when they need several shards."""
     data = sum(t.nbytes for t in tensors)
     digits = len(str(data))
-    shards = max(1, -(-data // SHARD_BYTES)) + (data > SHARD_BYTES)  # a tensor never straddles two shards
+    shards = max(1, -(-data // shard_bytes)) + (data > shard_bytes)  # a tensor never straddles two shards
     per_shard = len('{"__metadata__":{"format":"pt"}}') + 8 + 7  # the length field, padding to 8 bytes
     header = sum(t.entry_bytes(digits) for t in tensors) + shards * per_shard
     index = 0 if shards == 1 else 256 + sum(len(t.name) + 40 for t in tensors)  # "name": "model-0000x-of-0000y..."

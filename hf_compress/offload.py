@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 
 import torch
-from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 from accelerate.utils import OffloadedWeightsLoader, offload_state_dict, set_module_tensor_to_device
 from torch import nn
 
@@ -28,43 +28,44 @@ def input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _offloading_hooks(module: nn.Module) -> dict[str, object]:
-    return {name: sub._hf_hook for name, sub in module.named_modules()
-            if getattr(getattr(sub, "_hf_hook", None), "offload", False)}
-
-
 @contextmanager
 def resident(module: nn.Module, keep_changes: bool = False):
     """Within the block, the offloaded weights of `module`'s layers are real tensors on the device
     they run on (nothing happens to a module that is not offloaded). With `keep_changes` what the
-    layers hold at the end (a rewritten layer may be a new module of another shape) is offloaded
-    in their place: to a new folder beside the offload folder when they were on disk."""
-    hooks = _offloading_hooks(module)
+    layers hold at the end is offloaded in their place, a rewritten layer (a new module, of another
+    shape or made of two Linears) included: to a new folder beside the offload folder when they
+    were on disk, else to CPU memory."""
+    hooks = {name: sub._hf_hook for name, sub in module.named_modules()
+             if getattr(getattr(sub, "_hf_hook", None), "offload", False)}
     for name, hook in hooks.items():
         layer = module.get_submodule(name)
         remove_hook_from_module(layer)
-        for key in _offloaded_tensors(layer, hook):
+        for key in _own_tensors(layer, hook.offload_buffers):
             set_module_tensor_to_device(layer, key, hook.execution_device, value=hook.weights_map[key])
     try:
         yield module
     finally:
         for name, hook in hooks.items():
             layer = module.get_submodule(name)
-            if keep_changes:
-                hook.weights_map = _offload(layer, hook)
-            add_hook_to_module(layer, hook)  # its init moves the weights back to the meta device
+            if not keep_changes:
+                add_hook_to_module(layer, hook)  # its init moves the weights back to the meta device
+                continue
+            for part in layer.modules():  # each module that holds tensors gets a hook of its own
+                if _own_tensors(part, hook.offload_buffers):
+                    add_hook_to_module(part, AlignDevicesHook(
+                        hook.execution_device, offload=True, io_same_device=False, weights_map=_offload(part, hook),
+                        offload_buffers=hook.offload_buffers, place_submodules=False, skip_keys=hook.skip_keys))
 
 
-def _offloaded_tensors(layer: nn.Module, hook) -> list[str]:
+def _own_tensors(layer: nn.Module, buffers: bool) -> list[str]:
     names = [name for name, _ in layer.named_parameters(recurse=False)]
-    if hook.offload_buffers:
-        names += [name for name, _ in layer.named_buffers(recurse=False)]
-    return names
+    return names + ([name for name, _ in layer.named_buffers(recurse=False)] if buffers else [])
 
 
 def _offload(layer: nn.Module, hook):
-    """The layer's current weights where the hook found its old ones: a folder on disk, or CPU memory."""
-    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in layer.state_dict().items()}
+    """The layer's own tensors where the hook found its old ones: a folder on disk, or CPU memory."""
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in layer.state_dict(keep_vars=True).items()
+               if "." not in name}
     loader = getattr(hook.weights_map, "dataset", hook.weights_map)
     if isinstance(loader, OffloadedWeightsLoader) and loader.save_folder is not None:
         folder = tempfile.mkdtemp(prefix="rewritten-", dir=loader.save_folder)  # removed with the offload folder

@@ -45,3 +45,23 @@ def test_step_time_benchmark_runs_in_reduced_form(tiny_checkpoint, tmp_path):
                     "--repeats", "1", "--out", str(tmp_path)], check=True, capture_output=True)
     results = json.loads((tmp_path / "units_step_time.json").read_text())
     assert set(results["median_step_seconds"]) == {"values", "channels"} and results["channels_over_values"] > 0
+
+
+def test_gpu_check_runs_on_a_tiny_shape_on_cpu(tmp_path):
+    """The GPU check's steps, end to end, where CI can run them (the device runs bench/gpu_check.sh)."""
+    subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--shape", "tiny", "--device", "cpu", "--steps", "2",
+                    "--batch-size", "2", "--seq-len", "64", "--whitening-windows", "4", "--work", str(tmp_path / "work"),
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    report = json.loads((tmp_path / "gpu_check_tiny.json").read_text())
+    assert set(report["stages"]) == {"whitening + SVD", "pass"}
+    assert report["checkpoints"]["0.8 nf4"]["model_bytes"] < 0.5 * report["checkpoints"]["0.8"]["model_bytes"]
+    assert set(report["decode_b1_tokens_per_second"]) == {"dense", "0.6", "0.6 speed-aware"}
+    assert all(speed > 0 for speed in report["decode_b1_tokens_per_second"].values())
+
+
+def test_materialize_memory_benchmark_runs_on_a_tiny_shape(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "materialize_memory.py"), "--shape", "tiny", "--max-memory", "300KB",
+                    "--work", str(tmp_path / "work"), "--out", str(tmp_path)], check=True, capture_output=True)
+    report = json.loads((tmp_path / "materialize_memory_tiny.json").read_text())
+    assert set(report["materialize"]) == {"default", "--max-memory 300KB"}
+    assert all(run["peak_gib"] > 0 for run in report["materialize"].values())

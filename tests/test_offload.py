@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ok, refused
+from hf_compress.formats import disk_bytes
 
 LIMIT = "700KB"  # the tiny checkpoint is 1.3 MB: its embeddings stay in memory, its blocks go to disk
 
@@ -68,10 +69,33 @@ def test_what_cannot_spread_says_why(tiny_checkpoint, tmp_path):
     assert "--max-memory takes sizes per device" in refused("eval", tiny_checkpoint, "--max-memory", "gpu7=1GB")
     assert "torque trains the model" in refused("prune", tiny_checkpoint, "--ratio", 0.5, "--method", "torque",
                                                 "--max-memory", LIMIT, "--output", tmp_path / "x")
-    ok("compress", tiny_checkpoint, "--output", tmp_path / "acip", "--max-steps", 1, "--seq-len", 32,
-       "--whitening-windows", 2, "--batch-size", 2)
-    assert "materializes on one device" in refused("eval", tmp_path / "acip", "--max-memory", LIMIT)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def compressible(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("offload") / "acip"
+    ok("compress", tiny_checkpoint, "--output", out, "--max-steps", 4, "--seq-len", 32, "--whitening-windows", 4,
+       "--batch-size", 2)
+    return out
+
+
+@pytest.mark.parametrize("options", [("--size-ratio", 0.6), ("--max-size", "700KB"), ("--size-ratio", 0.5, "--quantize", "nf4")])
+def test_materialize_streams_the_base_block_by_block(compressible, tmp_path, options):
+    """With --max-memory the dense base stays on disk (in its own files) and each block is rewritten
+    and compensated alone; the files are written one 100 KB shard at a time; same weights."""
+    from hf_compress import CompressibleModel
+    from hf_compress.loading import parse_max_memory
+
+    streamed = CompressibleModel.from_pretrained(compressible, device_map="auto", max_memory=parse_max_memory(LIMIT))
+    assert "disk" in streamed.base_model.hf_device_map.values()
+    shards = ("--max-shard-size", "100KB")
+    ok("materialize", compressible, *options, *shards, "--output", tmp_path / "memory")
+    ok("materialize", compressible, *options, *shards, "--max-memory", LIMIT, "--output", tmp_path / "streamed")
+    assert len(list((tmp_path / "streamed").glob("*.safetensors"))) > 1
+    assert_same_weights(tmp_path / "memory", tmp_path / "streamed")
+    if "--max-size" in options:
+        assert disk_bytes(tmp_path / "streamed")[0] <= 700_000  # weight files and index, headers included
 
 
 def test_max_memory_parsing():

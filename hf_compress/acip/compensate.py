@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..layers import decoder_blocks, dense_weight, set_dense_weight
 from ..modeling_hf_compress import FactorizedLinear
+from ..offload import input_device, resident
 from .whitening import block_output, record_block_calls
 
 DAMPING = 1.0  # ridge toward the current weights, in units of the mean input energy (chosen on validation)
@@ -55,18 +56,18 @@ def compensate(model: nn.Module, dense: nn.Module, windows: torch.Tensor, rows: 
     damping = DAMPING if damping is None else damping
     prefix, blocks = decoder_blocks(model)
     dense_blocks = decoder_blocks(dense)[1]
-    device = next(model.parameters()).device
-    batches = list(windows.to(device).split(batch_size))
+    batches = list(windows.to(input_device(model)).split(batch_size))
     hidden, calls = record_block_calls(model, blocks, batches)
     dense_hidden = list(hidden)  # the embeddings are not compressed
     for index in tqdm(range(len(blocks)), desc="compensation, block by block", leave=False, disable=not show_progress):
         block, dense_block, arguments = blocks[index], dense_blocks[index], calls[index]
         inside = {name.removeprefix(f"{prefix}.{index}."): kept for name, kept in rows.items()
                   if name.startswith(f"{prefix}.{index}.")}
-        dense_inputs = _run(dense_block, list(inside), dense_hidden, arguments)
-        for group in _groups(block, list(inside), hidden[0], arguments[0]):
-            _refit(block, dense_block, group, inside, dense_inputs, hidden, arguments, damping)
-        _run(block, [], hidden, arguments)
+        with resident(block, keep_changes=bool(inside)), resident(dense_block):  # offloaded blocks: one at a time
+            dense_inputs = _run(dense_block, list(inside), dense_hidden, arguments)
+            for group in _groups(block, list(inside), hidden[0], arguments[0]):
+                _refit(block, dense_block, group, inside, dense_inputs, hidden, arguments, damping)
+            _run(block, [], hidden, arguments)
         calls[index] = None
     return model
 

@@ -27,15 +27,16 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from ..cards import write_card
 from ..evaluate import perplexity
-from ..formats import META_FILE, load_factors, mark_compressed, model_class_for, save_factors
+from ..formats import META_FILE, OnDisk, StoredFactors, mark_compressed, model_class_for, save_factors
 from ..errors import HfCompressError
 from ..io import atomic_dir
 from ..layers import (SHARD_BYTES, LayerShape, StoredTensor, decoder_blocks, dense_weight, files_bytes,
                       set_dense_weight, stored_tensors)
-from ..loading import load_config, read_json
+from ..loading import load_config, offload_folder, read_json
 from ..quantize import linear_tensors, quantize as quantize_model, width_multiple
 from ..speed import call_overhead_params
 from ..modeling_hf_compress import factorize_
+from ..offload import input_device, resident
 from ..shrink.rewrite import shrink_config, shrink_site
 from ..shrink.selection import Chosen
 from ..shrink.sites import MLP_WIDTHS
@@ -54,9 +55,9 @@ class LayerFactors:
     """One layer's singular triplets in keep order (best first), and its LoRA adapter."""
 
     shape: LayerShape
-    u: torch.Tensor  # out x r
+    u: torch.Tensor | OnDisk  # out x r (left on disk when loaded: materialize reads the kept columns)
     s: torch.Tensor  # r
-    vt: torch.Tensor  # r x in
+    vt: torch.Tensor | OnDisk  # r x in
     score: torch.Tensor  # r, non-increasing
     lora_a: torch.Tensor | None = None  # q x in
     lora_b: torch.Tensor | None = None  # out x q (already scaled)
@@ -179,9 +180,12 @@ class CompressibleModel:
                                     f"size ratio {size_ratio}")
 
     def plan_within(self, max_bytes: int, quantize: str | None = None, overhead: int = 0,
-                    structure: str = "mixed") -> Plan:
-        """The largest model whose weights take at most `max_bytes`."""
-        return self._largest_prefix(lambda plan: self.checkpoint_bytes(plan, quantize, overhead) <= max_bytes,
+                    structure: str = "mixed", shard_bytes: int = SHARD_BYTES) -> Plan:
+        """The largest model whose weight files (at most `shard_bytes` of tensors each) take at most `max_bytes`."""
+        def fits(plan: Plan) -> bool:
+            return self.checkpoint_bytes(plan, quantize, overhead, shard_bytes) <= max_bytes
+
+        return self._largest_prefix(fits,
                                     width_multiple(quantize), structure, f"{max_bytes / 2**20:.1f} MiB")
 
     def _plan_for(self, k: int, structure: str, multiple: int) -> Plan:
@@ -225,7 +229,8 @@ class CompressibleModel:
         shapes = self.shapes(plan)
         return sum(self.layers[name].params(rank, overhead, shapes[name]) for name, rank in plan.ranks.items())
 
-    def checkpoint_bytes(self, plan: Plan, quantize: str | None = None, overhead: int = 0) -> int:
+    def checkpoint_bytes(self, plan: Plan, quantize: str | None = None, overhead: int = 0,
+                         shard_bytes: int = SHARD_BYTES) -> int:
         """Bytes of the safetensors files of the model this plan makes, quantized or not (the
         output head counted in float), headers included (at most: see `files_bytes`)."""
         if self._fixed_tensors is None:
@@ -234,7 +239,7 @@ class CompressibleModel:
         dtype, shapes = self.base_model.dtype, self.shapes(plan)
         return files_bytes(self._fixed_tensors + [
             t for name, rank in plan.ranks.items()
-            for t in self.layers[name].tensors(name, rank, quantize, dtype, overhead, shapes[name])])
+            for t in self.layers[name].tensors(name, rank, quantize, dtype, overhead, shapes[name])], shard_bytes)
 
     def sizes(self, ratios, structure: str = "mixed") -> list[dict]:
         """What `materialize` makes at each size ratio: parameters, what is removed, bytes in
@@ -278,7 +283,7 @@ class CompressibleModel:
     def materialize(self, size_ratio: float | None = None, *, plan: Plan | dict[str, int] | None = None,
                     max_bytes: int | None = None, quantize: str | None = None,
                     quantize_head: bool = False, speed_aware: bool | int = False, structure: str = "mixed",
-                    compensate: bool = True) -> PreTrainedModel:
+                    compensate: bool = True, shard_bytes: int = SHARD_BYTES) -> PreTrainedModel:
         """A transformers model at `size_ratio` of the targeted parameters, or the largest whose
         weights fit `max_bytes`: the units the global order ranks lowest are removed (with
         `structure` "channels" MLP channels and head groups only, "svd" singular values only),
@@ -290,7 +295,8 @@ class CompressibleModel:
 
         `speed_aware=True` keeps a layer dense, within the same budget, where its two factors would
         not decode faster than the matrix on the device of this model (measured:
-        `speed.call_overhead_params`); an int gives that overhead in weights instead."""
+        `speed.call_overhead_params`); an int gives that overhead in weights instead. `shard_bytes`:
+        the largest file it will be saved in (`max_bytes` counts one header per file)."""
         start = time.perf_counter()
         multiple = width_multiple(quantize)
         overhead = self.speed_overhead() if speed_aware is True else int(speed_aware)
@@ -300,7 +306,7 @@ class CompressibleModel:
             if (size_ratio is None) == (max_bytes is None):
                 raise HfCompressError("give exactly one of a size ratio and a byte budget")
             plan = (self.plan_at(size_ratio, multiple, overhead, structure) if max_bytes is None
-                    else self.plan_within(max_bytes, quantize, overhead, structure))
+                    else self.plan_within(max_bytes, quantize, overhead, structure, shard_bytes))
         model = self._build(plan, overhead, compensate, width_multiple=multiple)
         if quantize:
             model = quantize_model(model, quantize, quantize_head)
@@ -342,28 +348,23 @@ class CompressibleModel:
 
     def speed_overhead(self) -> int:
         """The time of one extra matmul call, in weights, where this model materializes."""
-        parameter = next(self.base_model.parameters())
-        return call_overhead_params(parameter.device, parameter.dtype)
+        return call_overhead_params(input_device(self.base_model), self.base_model.dtype)
 
     def _build(self, plan: Plan, overhead: int = 0, compensate: bool = True, **info) -> PreTrainedModel:
+        """The model of `plan`, made block by block: a block Accelerate offloaded (a base loaded with
+        a device map) is resident only while it is rewritten, so the whole model is never in memory."""
         model = copy.deepcopy(self.base_model)
-        rows, columns = self._remove_units(model, plan)
         shapes = self.shapes(plan)
-        factorized = {}
-        for name, rank in plan.ranks.items():
-            f = self.layers[name]
-            module = model.get_submodule(name)
-            if f.is_dense_at(rank, overhead, shapes[name]):
-                delta = f.lora_delta()
-                if delta is not None:
-                    delta = _restricted(delta, rows.get(name), columns.get(name)).to(module.weight.device)
-                    set_dense_weight(module, dense_weight(module).float() + delta.float())
-            else:
-                factorized[name] = (rank + f.lora_rank, module.bias)
-        factorize_(model, {name: r for name, (r, _) in factorized.items()})
-        for name, (_, bias) in factorized.items():
-            self._fill(model.get_submodule(name), self.layers[name], plan.ranks[name], bias,
-                       rows.get(name), columns.get(name))
+        prefix, blocks = decoder_blocks(model)
+        rows, columns, factorized = {}, {}, {}
+        for index, block in enumerate(blocks):
+            inside = f"{prefix}.{index}."
+            with resident(block, keep_changes=True):
+                kept_rows, kept_columns = self._remove_units(model, plan, inside)
+                rows |= kept_rows
+                columns |= kept_columns
+                ranks = {name: rank for name, rank in plan.ranks.items() if name.startswith(inside)}
+                factorized |= self._factorize(model, ranks, shapes, overhead, rows, columns)
         refit = {name: rows.get(name) for name in {*factorized, *columns}}
         if compensate and refit and self.windows is not None and not any(f.lora_a is not None for f in self.layers.values()):
             compensate_layers(model, self.base_model, self.windows, refit, show_progress=False)
@@ -377,7 +378,7 @@ class CompressibleModel:
             info["speed_overhead_params"] = overhead
         recorded = ("source_params", "source_bytes", "dataset", "seq_len", "windows")  # for the model card
         carried = {key: self.summary[key] for key in recorded if key in self.summary}
-        mark_compressed(model, ranks={name: r for name, (r, _) in factorized.items()}, shapes={**earlier, **resized},
+        mark_compressed(model, ranks=factorized, shapes={**earlier, **resized},
                         method="acip",
                         objective=self.config.objective, removed=self.removed(plan),
                         include=self.config.include, exclude=self.config.exclude,
@@ -385,14 +386,37 @@ class CompressibleModel:
                         target_params=params, target_dense_params=self.dense_params, **carried, **info)
         return model.eval()
 
-    def _remove_units(self, model, plan: Plan) -> tuple[dict, dict]:
-        """Take the units the plan drops out of the dense copy `model` (structured pruning: the
-        same code as `prune`); return, per layer that lost some, the original rows and columns
-        it keeps (what its factors are restricted to)."""
+    def _factorize(self, model, ranks: dict[str, int], shapes: dict, overhead: int, rows: dict,
+                   columns: dict) -> dict[str, int]:
+        """Layers at `ranks` in `model`: dense ones get their LoRA merged, the others become two
+        factors holding the kept singular vectors (restricted to the kept rows and columns);
+        returns the stacked rank of each factorized one."""
+        factorized = {}
+        for name, rank in ranks.items():
+            f = self.layers[name]
+            module = model.get_submodule(name)
+            if f.is_dense_at(rank, overhead, shapes[name]):
+                delta = f.lora_delta()
+                if delta is not None:
+                    delta = _restricted(delta, rows.get(name), columns.get(name)).to(module.weight.device)
+                    set_dense_weight(module, dense_weight(module).float() + delta.float())
+            else:
+                factorized[name] = rank + f.lora_rank
+        biases = {name: model.get_submodule(name).bias for name in factorized}
+        factorize_(model, factorized)
+        for name in factorized:
+            self._fill(model.get_submodule(name), self.layers[name], ranks[name], biases[name], rows.get(name),
+                       columns.get(name))
+        return factorized
+
+    def _remove_units(self, model, plan: Plan, inside: str = "") -> tuple[dict, dict]:
+        """Take the units the plan drops (of the sites whose names start with `inside`) out of the
+        dense copy `model` (structured pruning: the same code as `prune`); return, per layer that
+        lost some, the original rows and columns it keeps (what its factors are restricted to)."""
         rows, columns = {}, {}
         for name, u in self.units.items():
             n, k = u.ref.units, plan.kept[name]
-            if k == n:
+            if k == n or not u.ref.prefix.startswith(inside):
                 continue
             keep = u.order[:k].sort().values
             shrink_site(model.get_submodule(u.ref.prefix.rstrip(".")), 0, u.ref.site, k / n, Chosen(keep))
@@ -450,7 +474,8 @@ class CompressibleModel:
         tensors = {}
         for name, f in self.layers.items():
             for key in FACTOR_KEYS:
-                tensors[f"{name}.{key}"] = getattr(f, key).contiguous()
+                value = getattr(f, key)
+                tensors[f"{name}.{key}"] = (value[...] if isinstance(value, OnDisk) else value).contiguous()
             if f.lora_a is not None:
                 tensors[f"{name}.lora_a"] = f.lora_a.contiguous()
                 tensors[f"{name}.lora_b"] = f.lora_b.contiguous()
@@ -476,8 +501,12 @@ class CompressibleModel:
         return Path(output)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False) -> CompressibleModel:
-        """Load a compressible directory; `trust_remote_code` when its model runs its own code."""
+    def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | str = "auto",
+                        device_map: str | dict | None = None, max_memory: dict | None = None) -> CompressibleModel:
+        """Load a compressible directory; `trust_remote_code` when its model runs its own code. The
+        singular vectors stay on disk until a size reads the ones it keeps; with `device_map` and
+        `max_memory` the dense base too stays on disk past the limit (Accelerate's big-model
+        loading), and materialization rewrites it one block at a time."""
         path = Path(path)
         if not (path / META_FILE).is_file():
             raise HfCompressError(
@@ -488,17 +517,21 @@ class CompressibleModel:
         if meta.get("format_version") != FORMAT_VERSION:
             raise HfCompressError(f"{path}: unsupported format version {meta.get('format_version')}")
         try:
-            tensors = load_factors(path)
+            stored = StoredFactors(path)
             layers = {}
             for name, shape in meta["layers"].items():
-                parts = {k: tensors[f"{name}.{k}"] for k in FACTOR_KEYS}
-                lora = {k: tensors.get(f"{name}.{k}") for k in ("lora_a", "lora_b")}
-                layers[name] = LayerFactors(LayerShape.from_json(shape), **parts, **lora)
-            units = {name: UnitScores(SiteRef.from_json(ref), tensors[f"units.{name}.order"],
-                                      tensors[f"units.{name}.score"]) for name, ref in meta.get("units", {}).items()}
+                vectors = {k: stored.on_disk(f"{name}.{k}") for k in ("u", "vt")}
+                values = {k: stored.load(f"{name}.{k}") for k in ("s", "score")}
+                lora = {k: stored.load(key) for k in ("lora_a", "lora_b") if (key := f"{name}.{k}") in stored}
+                layers[name] = LayerFactors(LayerShape.from_json(shape), **vectors, **values, **lora)
+            units = {name: UnitScores(SiteRef.from_json(ref), stored.load(f"units.{name}.order"),
+                                      stored.load(f"units.{name}.score")) for name, ref in meta.get("units", {}).items()}
+            windows = stored.load(WINDOWS_KEY) if WINDOWS_KEY in stored else None
             config = load_config(path, trust_remote_code)
+            placement = {"device_map": device_map, "max_memory": max_memory,
+                         "offload_folder": offload_folder()} if device_map else {}
             base = model_class_for(config, trust_remote_code).from_pretrained(  # folded bases too
-                path, trust_remote_code=trust_remote_code)
+                path, trust_remote_code=trust_remote_code, dtype=dtype, **placement)
         except (OSError, KeyError, SafetensorError, ValueError) as err:
             raise HfCompressError(
                 f"{path} is not a complete compressible directory ({type(err).__name__}: "
@@ -507,4 +540,4 @@ class CompressibleModel:
         has_tokenizer = (path / "tokenizer_config.json").is_file()
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_tokenizer else None
         config = AcipConfig.from_dict(meta["config"])
-        return cls(base.eval(), layers, config, meta.get("summary"), tokenizer, units, tensors.get(WINDOWS_KEY))
+        return cls(base.eval(), layers, config, meta.get("summary"), tokenizer, units, windows)

@@ -59,6 +59,7 @@ def record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[to
         return hidden_states
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    wrapped = [block.__dict__.get("forward") for block in blocks]  # Accelerate's hooks wrap forward this way
     for block in blocks:
         block.forward = pass_on
     try:
@@ -68,8 +69,10 @@ def record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[to
     finally:
         for handle in handles:
             handle.remove()
-        for block in blocks:
+        for block, forward in zip(blocks, wrapped):
             del block.forward
+            if forward is not None:
+                block.forward = forward
     return first_hidden, calls
 
 

@@ -75,13 +75,17 @@ def placement(device_map: str | None, max_memory: str | None) -> dict:
     return {"device_map": device_map or "auto", "max_memory": parse_max_memory(max_memory)}
 
 
-def load_compressible(path, device: str | None, dtype: str | None, trust_remote_code: bool):
+def load_compressible(path, device: str | None, dtype: str | None, trust_remote_code: bool,
+                      device_map: str | None = None, max_memory: str | None = None):
     from ..acip import CompressibleModel
     from ..loading import resolve_device, resolve_dtype
 
-    compressible = CompressibleModel.from_pretrained(path, trust_remote_code)
     where = resolve_device(device)
     wanted = resolve_dtype(dtype, where)
+    placed = placement(device_map, max_memory)
+    if placed["device_map"]:  # the base stays where Accelerate put it
+        return CompressibleModel.from_pretrained(path, trust_remote_code, wanted, **placed)
+    compressible = CompressibleModel.from_pretrained(path, trust_remote_code)
     return compressible.to(where, None if wanted == "auto" else wanted)
 
 

@@ -11,7 +11,7 @@ from ..errors import HfCompressError
 from .app import (app, check_output_dir, check_quantize, check_ratio, config_from, console, load, load_compressible,
                   on_disk, quantized_note, ratio_within_loss)
 from .options import (MODEL_HELP, Compensate, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, DeviceMap,
-                      Dtype, MaxMemory,
+                      Dtype, MaxMemory, MaxShardSize,
                       MaxLossIncrease, Output, Overwrite, Quantize, QuantizeHead, Revision, SeqLen, SizeRatio,
                       SpeedAware, Structure, TextColumn, Token, TrustRemoteCode, Windows)
 
@@ -40,6 +40,9 @@ def materialize(
     compensate: Compensate = True,
     device: Device = None,
     dtype: Dtype = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    max_shard_size: MaxShardSize = "50GB",
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -53,18 +56,20 @@ def materialize(
     if size_ratio is not None:
         check_ratio(size_ratio)
     max_bytes = None if max_size is None else parse_size(max_size)
+    shard_bytes = parse_size(max_shard_size)
     check_quantize(quantize)
     check_output_dir(output, overwrite)
-    compressible = load_compressible(path, device, dtype, trust_remote_code)
+    compressible = load_compressible(path, device, dtype, trust_remote_code, device_map, max_memory)
     search = None
     if max_loss_increase is not None:
         size_ratio, search = ratio_within_loss(compressible, max_loss_increase, config_from(TextSource, locals()),
                                                seq_len, windows, quantize, structure=structure, compensate=compensate)
     model = compressible.materialize(size_ratio, max_bytes=max_bytes, quantize=quantize, quantize_head=quantize_head,
-                                     speed_aware=speed_aware, structure=structure, compensate=compensate)
+                                     speed_aware=speed_aware, structure=structure, compensate=compensate,
+                                     shard_bytes=shard_bytes)
     if search is not None:
         model.config.hf_compress["loss_budget"] = search
-    save_checkpoint(model, compressible.tokenizer, output, overwrite=overwrite)
+    save_checkpoint(model, compressible.tokenizer, output, overwrite=overwrite, max_shard_size=shard_bytes)
     info = model.config.hf_compress
     budget = f" (the largest within {max_size})" if max_size else ""
     if search is not None:
@@ -88,6 +93,7 @@ def quantize_command(
     dtype: Dtype = None,
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
+    max_shard_size: MaxShardSize = "50GB",
     overwrite: Overwrite = False,
     revision: Revision = None,
     token: Token = None,
@@ -95,12 +101,13 @@ def quantize_command(
 ):
     """Quantize a model with bitsandbytes; the checkpoint reloads with plain transformers."""
     from ..checkpoint import save_checkpoint
+    from ..loading import parse_size
     from ..quantize import quantize
 
     check_quantize(method)
     check_output_dir(output, overwrite)
     net, tokenizer = load(model, device, dtype, trust_remote_code, revision, token, device_map, max_memory)
     quantized = quantize(net, method, quantize_head)
-    save_checkpoint(quantized, tokenizer, output, overwrite=overwrite)
+    save_checkpoint(quantized, tokenizer, output, overwrite=overwrite, max_shard_size=parse_size(max_shard_size))
     console.print(f"[green]wrote[/green] {output}: {on_disk(output)}{quantized_note(quantized)}",
                   highlight=False)

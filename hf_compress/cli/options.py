@@ -32,6 +32,9 @@ DeviceMap = Annotated[Optional[str], typer.Option(
 MaxMemory = Annotated[Optional[str], typer.Option(
     help="With --device-map: the most each device holds, e.g. 'cuda:0=20GiB,cpu=8GiB' or '8GiB' (the CPU); the "
          "rest goes to disk. Setting it implies --device-map auto.")]
+MaxShardSize = Annotated[str, typer.Option(
+    help="Largest weight file written, e.g. 5GB; the files are written one at a time, so with --max-memory this "
+         "bounds what writing holds.")]
 TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow a model that ships its own modeling code to run it (as transformers' "
                                 "trust_remote_code).")]

@@ -34,8 +34,8 @@ def info(
     if (Path(path) / META_FILE).is_file():
         from ..acip import CompressibleModel
 
-        refuse_device_map(device_map, max_memory)
-        report = {"compressible": path, **CompressibleModel.from_pretrained(path, trust_remote_code).report(),
+        compressible = CompressibleModel.from_pretrained(path, trust_remote_code, **placement(device_map, max_memory))
+        report = {"compressible": path, **compressible.report(),
                   "other_bytes": disk_bytes(Path(path))[1] - (Path(path) / META_FILE).stat().st_size}
     else:
         report = checkpoint_report(path, trust_remote_code, revision, token, device_map, max_memory)
@@ -108,8 +108,7 @@ def evaluate_command(
     task_options = config_from(ev.TaskOptions, locals())
     windows_batch = default_batch if batch_size == "auto" else batch_size
     if (Path(path) / META_FILE).is_file():
-        refuse_device_map(device_map, max_memory)
-        compressible = load_compressible(path, device, dtype, trust_remote_code)
+        compressible = load_compressible(path, device, dtype, trust_remote_code, device_map, max_memory)
         tokenizer = compressible.tokenizer
         if size_ratios.strip() == "auto":
             ratios = [ratio_within_loss(compressible, max_loss_increase, text, seq_len, 8, quantize,
@@ -171,12 +170,6 @@ def push(
     commits = f" in {plan['commits']} commits (rerun to resume if interrupted)" if plan["commits"] > 1 else ""
     console.print(f"[green]{'would push' if dry_run else 'pushed'}[/green] {len(plan['files'])} files with {card} "
                   f"to {where}{commits}", highlight=False)
-
-
-def refuse_device_map(device_map: str | None, max_memory: str | None) -> None:
-    if device_map or max_memory:
-        raise HfCompressError("a compressible directory materializes on one device (--device); --device-map and "
-                              "--max-memory apply to models and checkpoints")
 
 
 def parse_batch_size(text: str | None) -> int | str | None:

@@ -12,9 +12,9 @@ import typer
 from ..errors import HfCompressError
 from .app import app, check_output_dir, config_from, console, load, on_disk, progress_dir, quantized_note
 from .options import (BatchSize, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, DeviceMap, Dtype,
-                      GradientCheckpointing, HeadsRatio, Layers, MaxMemory, MaxSteps, Model, Output, Overwrite, Quantize,
-                      QuantizeHead, Ratio, Revision, SaveEvery, Seed, SeqLen, TextColumn, Token, TrustRemoteCode,
-                      Windows)
+                      GradientCheckpointing, HeadsRatio, Layers, MaxMemory, MaxShardSize, MaxSteps, Model, Output,
+                      Overwrite, Quantize, QuantizeHead, Ratio, Revision, SaveEvery, Seed, SeqLen, TextColumn, Token,
+                      TrustRemoteCode, Windows)
 
 
 @app.command("fold")
@@ -32,6 +32,7 @@ def fold_command(
     dtype: Dtype = None,
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
+    max_shard_size: MaxShardSize = "50GB",
     overwrite: Overwrite = False,
     revision: Revision = None,
     token: Token = None,
@@ -39,6 +40,7 @@ def fold_command(
 ):
     """Fold a model data-free into a smaller one of the same architecture."""
     from ..checkpoint import save_checkpoint
+    from ..loading import parse_size
     from ..shrink import FoldConfig, fold
 
     config = config_from(FoldConfig, locals(), layers=parse_layers(layers, ratio))
@@ -47,7 +49,7 @@ def fold_command(
     start = time.perf_counter()
     net = fold(net, config)
     seconds = time.perf_counter() - start
-    save_checkpoint(net, tokenizer, output, overwrite=overwrite)
+    save_checkpoint(net, tokenizer, output, overwrite=overwrite, max_shard_size=parse_size(max_shard_size))
     print_shrunk(net, output, f"folded in {seconds:.1f} s")
 
 
@@ -84,6 +86,7 @@ def prune_command(
     dtype: Dtype = None,
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
+    max_shard_size: MaxShardSize = "50GB",
     overwrite: Overwrite = False,
     revision: Revision = None,
     token: Token = None,
@@ -93,7 +96,7 @@ def prune_command(
     from ..training import clear_progress
     from ..checkpoint import save_checkpoint
     from ..data import TextSource, calibration_data
-    from ..loading import process_state
+    from ..loading import parse_size, process_state
     from ..shrink import PruneConfig, prune
 
     config = config_from(PruneConfig, locals(), layers=parse_layers(layers, ratio))
@@ -114,7 +117,7 @@ def prune_command(
     net = prune(net, data, config, dataset=dataset, progress_dir=progress)
     seconds = time.perf_counter() - start
     if process_state().is_main_process:
-        save_checkpoint(net, tokenizer, output, overwrite=overwrite)
+        save_checkpoint(net, tokenizer, output, overwrite=overwrite, max_shard_size=parse_size(max_shard_size))
         clear_progress(progress)
         print_shrunk(net, output, f"pruned in {seconds:.1f} s")
 
