@@ -16,6 +16,8 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, output: str | Path, overw
     """Write model and tokenizer atomically: the output appears complete or not at all. The weights
     go in files of at most `max_shard_size`, written one at a time (weights Accelerate offloaded
     are read back for their file only)."""
+    if getattr(model, "hf_device_map", None):
+        model.tie_weights()  # Accelerate's hooks replace offloaded parameters: a tied head would be stored twice
     with atomic_dir(output, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:

@@ -10,6 +10,7 @@ rewritten layers included, the way it found them.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from contextlib import contextmanager
 
@@ -55,6 +56,8 @@ def resident(module: nn.Module, keep_changes: bool = False):
                     add_hook_to_module(part, AlignDevicesHook(
                         hook.execution_device, offload=True, io_same_device=False, weights_map=_offload(part, hook),
                         offload_buffers=hook.offload_buffers, place_submodules=False, skip_keys=hook.skip_keys))
+        if hooks and keep_changes:
+            gc.collect()  # the layers replaced sit in reference cycles (hook wrappers): free them now, not in blocks' time
 
 
 def _own_tensors(layer: nn.Module, buffers: bool) -> list[str]:

@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ok, refused
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import COMMON, ok, refused
 from hf_compress.formats import disk_bytes
 
 LIMIT = "700KB"  # the tiny checkpoint is 1.3 MB: its embeddings stay in memory, its blocks go to disk
@@ -73,11 +75,17 @@ def test_what_cannot_spread_says_why(tiny_checkpoint, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def compressible(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("offload") / "acip"
-    ok("compress", tiny_checkpoint, "--output", out, "--max-steps", 4, "--seq-len", 32, "--whitening-windows", 4,
-       "--batch-size", 2)
-    return out
+def compressible(tmp_path_factory, tokenizer):
+    """A pass over a tiny Llama whose output head is tied to its embeddings (offloading must not
+    untie them: the checkpoint would hold the embeddings twice)."""
+    root = tmp_path_factory.mktemp("offload")
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "hidden_size": 128, "intermediate_size": 256, "tie_word_embeddings": True})
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "tied")
+    tokenizer.save_pretrained(root / "tied")
+    ok("compress", root / "tied", "--output", root / "acip", "--max-steps", 4, "--seq-len", 32,
+       "--whitening-windows", 4, "--batch-size", 2)
+    return root / "acip"
 
 
 @pytest.mark.parametrize("options", [("--size-ratio", 0.6), ("--max-size", "700KB"), ("--size-ratio", 0.5, "--quantize", "nf4")])
@@ -87,13 +95,13 @@ def test_materialize_streams_the_base_block_by_block(compressible, tmp_path, opt
     from hf_compress import CompressibleModel
     from hf_compress.loading import parse_max_memory
 
-    streamed = CompressibleModel.from_pretrained(compressible, device_map="auto", max_memory=parse_max_memory(LIMIT))
-    assert "disk" in streamed.base_model.hf_device_map.values()
+    streamed = CompressibleModel.from_pretrained(compressible, device_map="auto", max_memory=parse_max_memory("10KB"))
+    assert set(streamed.base_model.hf_device_map.values()) == {"disk"}  # the embeddings and head too
     shards = ("--max-shard-size", "100KB")
     ok("materialize", compressible, *options, *shards, "--output", tmp_path / "memory")
-    ok("materialize", compressible, *options, *shards, "--max-memory", LIMIT, "--output", tmp_path / "streamed")
+    ok("materialize", compressible, *options, *shards, "--max-memory", "10KB", "--output", tmp_path / "streamed")
     assert len(list((tmp_path / "streamed").glob("*.safetensors"))) > 1
-    assert_same_weights(tmp_path / "memory", tmp_path / "streamed")
+    assert_same_weights(tmp_path / "memory", tmp_path / "streamed")  # the head still tied: not stored twice
     if "--max-size" in options:
         assert disk_bytes(tmp_path / "streamed")[0] <= 700_000  # weight files and index, headers included
 

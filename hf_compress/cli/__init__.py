@@ -19,6 +19,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main() -> None:
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # factors of rank 0
+    warnings.filterwarnings("ignore", "Attempting to save a model with offloaded")  # --max-shard-size bounds it
     try:
         app()
     except HfCompressError as err:
