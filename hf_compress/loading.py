@@ -172,8 +172,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", dev
         return model.to(device or "cpu"), tokenizer
     hub = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
     config = load_config(source, **hub)
-    placement = ({"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder()}
-                 if device_map else {"device_map": None if device is None else {"": torch.device(device)}})
+    placement = (spread(device_map, max_memory) if device_map
+                 else {"device_map": None if device is None else {"": torch.device(device)}})
     try:
         local_without_tokenizer = Path(source).is_dir() and not (Path(source) / "tokenizer_config.json").exists()
         tokenizer = None if local_without_tokenizer else AutoTokenizer.from_pretrained(source, **hub)
@@ -183,11 +183,12 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = "auto", dev
     return model.eval(), tokenizer
 
 
-def offload_folder() -> str:
-    """A folder for the weights Accelerate offloads to disk, removed when the process ends."""
+def spread(device_map: str, max_memory: dict | None) -> dict:
+    """from_pretrained's arguments for Accelerate's big-model loading: the device map, the limits,
+    and a folder for what goes to disk, removed when the process ends."""
     folder = tempfile.mkdtemp(prefix="hf-compress-offload-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": folder}
 
 
 def load_config(source: str | os.PathLike, trust_remote_code: bool = False, revision: str | None = None,

@@ -32,43 +32,50 @@ def input_device(model: nn.Module) -> torch.device:
 @contextmanager
 def resident(module: nn.Module, keep_changes: bool = False):
     """Within the block, the offloaded weights of `module`'s layers are real tensors on the device
-    they run on (nothing happens to a module that is not offloaded). With `keep_changes` what the
-    layers hold at the end is offloaded in their place, a rewritten layer (a new module, of another
-    shape or made of two Linears) included: to a new folder beside the offload folder when they
-    were on disk, else to CPU memory."""
+    they run on (nothing happens to a module that is not offloaded). With `keep_changes` a layer
+    that changed (new weights, or a new module of another shape or made of two Linears) is
+    offloaded anew: to a new folder beside the offload folder when it was on disk, else to CPU
+    memory; a layer left as it was goes back to the weights it had."""
     hooks = {name: sub._hf_hook for name, sub in module.named_modules()
              if getattr(getattr(sub, "_hf_hook", None), "offload", False)}
+    loaded = {}
     for name, hook in hooks.items():
         layer = module.get_submodule(name)
         remove_hook_from_module(layer)
         for key in _own_tensors(layer, hook.offload_buffers):
             set_module_tensor_to_device(layer, key, hook.execution_device, value=hook.weights_map[key])
+        loaded[name] = (layer, _fingerprint(layer, hook.offload_buffers))
     try:
         yield module
     finally:
         for name, hook in hooks.items():
             layer = module.get_submodule(name)
-            if not keep_changes:
+            if not keep_changes or (layer, _fingerprint(layer, hook.offload_buffers)) == loaded[name]:
                 add_hook_to_module(layer, hook)  # its init moves the weights back to the meta device
                 continue
             for part in layer.modules():  # each module that holds tensors gets a hook of its own
-                if _own_tensors(part, hook.offload_buffers):
+                if tensors := _own_tensors(part, hook.offload_buffers):
                     add_hook_to_module(part, AlignDevicesHook(
-                        hook.execution_device, offload=True, io_same_device=False, weights_map=_offload(part, hook),
+                        hook.execution_device, offload=True, io_same_device=False, weights_map=_offload(tensors, hook),
                         offload_buffers=hook.offload_buffers, place_submodules=False, skip_keys=hook.skip_keys))
         if hooks and keep_changes:
             gc.collect()  # the layers replaced sit in reference cycles (hook wrappers): free them now, not in blocks' time
 
 
-def _own_tensors(layer: nn.Module, buffers: bool) -> list[str]:
-    names = [name for name, _ in layer.named_parameters(recurse=False)]
-    return names + ([name for name, _ in layer.named_buffers(recurse=False)] if buffers else [])
+def _own_tensors(layer: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
+    own = dict(layer.named_parameters(recurse=False))
+    return own | dict(layer.named_buffers(recurse=False)) if buffers else own
 
 
-def _offload(layer: nn.Module, hook):
-    """The layer's own tensors where the hook found its old ones: a folder on disk, or CPU memory."""
-    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in layer.state_dict(keep_vars=True).items()
-               if "." not in name}
+def _fingerprint(layer: nn.Module, buffers: bool) -> dict:
+    """What changes when a layer's weights do: every rewrite assigns new tensors (`.data =`), an
+    in-place edit bumps the tensor's version."""
+    return {name: (id(t), t.data_ptr(), t._version) for name, t in _own_tensors(layer, buffers).items()}
+
+
+def _offload(tensors: dict[str, torch.Tensor], hook):
+    """`tensors` where the hook found the old ones: a new folder on disk, or CPU memory."""
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     loader = getattr(hook.weights_map, "dataset", hook.weights_map)
     if isinstance(loader, OffloadedWeightsLoader) and loader.save_folder is not None:
         folder = tempfile.mkdtemp(prefix="rewritten-", dir=loader.save_folder)  # removed with the offload folder

@@ -38,6 +38,13 @@ def test_the_limit_offloads_blocks_to_disk(tiny_checkpoint):
     with resident(block):
         assert block.mlp.up_proj.weight.device.type == "cpu" and block.mlp.up_proj.weight.abs().sum() > 0
     assert block.mlp.up_proj.weight.device.type == "meta"
+    before = {name: block.get_submodule(name)._hf_hook.weights_map for name in ("mlp.up_proj", "mlp.down_proj")}
+    with resident(block, keep_changes=True):
+        block.mlp.up_proj.weight.data = 2 * block.mlp.up_proj.weight.data
+    assert block.mlp.down_proj._hf_hook.weights_map is before["mlp.down_proj"]  # unchanged: not written again
+    assert block.mlp.up_proj._hf_hook.weights_map is not before["mlp.up_proj"]
+    with resident(block):
+        torch.testing.assert_close(block.mlp.up_proj.weight, 2 * before["mlp.up_proj"]["weight"])
 
 
 @pytest.mark.parametrize("command", [

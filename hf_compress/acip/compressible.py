@@ -32,7 +32,7 @@ from ..errors import HfCompressError
 from ..io import atomic_dir
 from ..layers import (SHARD_BYTES, LayerShape, StoredTensor, decoder_blocks, dense_weight, files_bytes,
                       set_dense_weight, stored_tensors)
-from ..loading import load_config, offload_folder, read_json
+from ..loading import load_config, read_json, spread
 from ..quantize import linear_tensors, quantize as quantize_model, width_multiple
 from ..speed import call_overhead_params
 from ..modeling_hf_compress import factorize_
@@ -528,8 +528,7 @@ class CompressibleModel:
                                       stored.load(f"units.{name}.score")) for name, ref in meta.get("units", {}).items()}
             windows = stored.load(WINDOWS_KEY) if WINDOWS_KEY in stored else None
             config = load_config(path, trust_remote_code)
-            placement = {"device_map": device_map, "max_memory": max_memory,
-                         "offload_folder": offload_folder()} if device_map else {}
+            placement = spread(device_map, max_memory) if device_map else {}
             base = model_class_for(config, trust_remote_code).from_pretrained(  # folded bases too
                 path, trust_remote_code=trust_remote_code, dtype=dtype, **placement)
         except (OSError, KeyError, SafetensorError, ValueError) as err:
