@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from transformers.dynamic_module_utils import custom_object_save, get_class_from
 from . import modeling_hf_compress
 from .errors import HfCompressError
 from .layers import SHARD_BYTES, find_targets, layer_shape, logical_numel, tensor_bytes
-from .modeling_hf_compress import FactorizedLinear, HfCompressMixin
+from .modeling_hf_compress import FactorizedLinear, HfCompressMixin, unfuse_experts_
 
 MODELING_FILE = "modeling_hf_compress.py"
 CLASS_NAME = "HfCompressForCausalLM"
@@ -185,8 +184,7 @@ def model_class_for(config, trust_remote_code: bool = False):
 def empty_model(config, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model a config describes on the meta device: every shape, no weights read or made."""
     cls = model_class_for(config, trust_remote_code)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # factors of rank 0
+    with torch.device("meta"):
         if cls is AutoModelForCausalLM:
             return cls.from_config(config, trust_remote_code=trust_remote_code)
         return cls._from_config(config)
@@ -222,11 +220,31 @@ def mark_compressed(model: PreTrainedModel, ranks: dict | None = None, shapes: d
     model.config.hf_compress = {**previous, **info, "format_version": FORMAT_VERSION, "source": source,
                                 "base_architecture": base, "shapes": shapes, "ranks": ranks,
                                 **({"base_code": code} if code else {})}
-    if ranks or shapes:
+    if ranks or shapes or model.config.hf_compress.get("experts"):
         previous_map = getattr(model.config, "auto_map", None) or {}  # the source's own entries stay
         model.config.auto_map = {**previous_map, "AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{CLASS_NAME}"}
         if not isinstance(model, HfCompressMixin):
             model.__class__ = compressed_class(type(model))  # same weights, saves its modeling file
+
+
+def unfuse_experts(model: PreTrainedModel) -> list[str]:
+    """Put every mixture-of-experts layer of `model` (experts stored as 3-D stacks) in ExpertLinears
+    form, one Linear per expert and matrix, and record it in the config so that checkpoints
+    rebuild it: from then on experts are layers like any other. Returns the names unfused."""
+    names = [name for name, module in model.named_modules() if is_fused_experts(module)]
+    if names:
+        unfuse_experts_(model, names)
+        recorded = (getattr(model.config, "hf_compress", None) or {}).get("experts", [])
+        mark_compressed(model, experts=sorted({*recorded, *names}))
+    return names
+
+
+def is_fused_experts(module: torch.nn.Module) -> bool:
+    """A transformers experts module (marked by its experts-implementation decorator) in a layout
+    ExpertLinears supports."""
+    return (hasattr(module, "is_transposed") and hasattr(module, "has_gate")
+            and not getattr(module, "has_post_expert_norm", False)
+            and any(p.dim() == 3 for p in module.parameters(recurse=False)))
 
 
 def quantization_of(config) -> dict | None:

@@ -5,10 +5,13 @@ lines that subclass the base architecture, so that
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works with only torch and
 transformers installed. It must import nothing but torch and transformers.
 
-`config.hf_compress["shapes"]` maps a module name to its [in, out] size (layers folded to
-different sizes in different blocks) and `config.hf_compress["ranks"]` to the rank it is
-stored at; every other module is the base architecture's own.
+`config.hf_compress["experts"]` names the mixture-of-experts layers stored one Linear per
+expert and matrix, `config.hf_compress["shapes"]` maps a module name to its [in, out] size
+(layers folded to different sizes in different blocks) and `config.hf_compress["ranks"]` to the
+rank it is stored at; every other module is the base architecture's own.
 """
+
+import warnings
 
 import torch
 from torch import nn
@@ -30,6 +33,63 @@ class FactorizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class ExpertLinears(nn.Module):
+    """A transformers experts module (each matrix of every expert in one 3-D stack) as one Linear
+    per expert and matrix, `up[e]` (gate and up together) and `down[e]`, so that each can be
+    factorized or resized on its own. Routes tokens as transformers' eager forward does; the
+    original module stays inside, without its weights, for its gating function."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        if getattr(experts, "has_post_expert_norm", False):
+            raise ValueError(f"{type(experts).__name__} normalizes each expert's output: not supported")
+        first = "gate_up_proj" if experts.has_gate else "up_proj"
+        self.num_experts = getattr(experts, first).shape[0]
+        self.up = _expert_linears(experts, first)
+        self.down = _expert_linears(experts, "down_proj")
+        for name in [name for name, _ in experts.named_parameters(recurse=False)]:
+            delattr(experts, name)
+        self.gating = experts
+
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, router_indices=None, routing_weights=None):
+        index = top_k_index if top_k_index is not None else router_indices  # gpt-oss names them so
+        weights = top_k_weights if top_k_weights is not None else routing_weights
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            routed = nn.functional.one_hot(index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = routed[: self.num_experts].sum(dim=(-1, -2)).nonzero().flatten().tolist()
+        for expert in hit:
+            position, token = torch.where(routed[expert])
+            h = self.up[expert](hidden_states[token])
+            h = self.gating._apply_gate(h) if self.gating.has_gate else self.gating.act_fn(h)
+            h = self.down[expert](h) * weights[token, position, None]
+            out.index_add_(0, token, h.to(out.dtype))
+        return out
+
+
+def _expert_linears(experts: nn.Module, name: str) -> nn.ModuleList:
+    """The stack `name` (with its bias stack, if any) as one Linear per expert, sharing nothing."""
+    stack, bias = getattr(experts, name), getattr(experts, f"{name}_bias", None)
+    linears = nn.ModuleList()
+    for e in range(stack.shape[0]):
+        weight = stack[e].t() if experts.is_transposed else stack[e]
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        layer.weight = nn.Parameter(weight.clone(memory_format=torch.contiguous_format), requires_grad=stack.requires_grad)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias[e].clone(), requires_grad=bias.requires_grad)
+        linears.append(layer)
+    return linears
+
+
+def unfuse_experts_(model: nn.Module, names) -> nn.Module:
+    """Replace each experts module named in `names` by its ExpertLinears."""
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, ExpertLinears(getattr(parent, child_name)))
+    return model
+
+
 def replace_layer_(model: nn.Module, name: str, make) -> None:
     """Swap the layer at `name` for `make(old, in_features, out_features)`, on its device and dtype."""
     parent_name, _, child_name = name.rpartition(".")
@@ -45,8 +105,10 @@ def replace_layer_(model: nn.Module, name: str, make) -> None:
 
 def factorize_(model: nn.Module, ranks: dict) -> nn.Module:
     """Replace each module named in `ranks` by an (uninitialized) FactorizedLinear of that rank."""
-    for name, rank in ranks.items():
-        replace_layer_(model, name, lambda old, i, o: FactorizedLinear(i, o, rank, bias=old.bias is not None))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # rank 0: every value removed
+        for name, rank in ranks.items():
+            replace_layer_(model, name, lambda old, i, o: FactorizedLinear(i, o, rank, bias=old.bias is not None))
     return model
 
 
@@ -70,5 +132,6 @@ class HfCompressMixin:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        unfuse_experts_(self, config.hf_compress.get("experts", []))
         resize_(self, config.hf_compress.get("shapes", {}))
         factorize_(self, config.hf_compress.get("ranks", {}))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import empty_model
+from .formats import empty_model, unfuse_experts
 from .layers import LayerShape, decoder_blocks, find_targets, layer_shape
 from .loading import load_config
 
@@ -70,7 +70,8 @@ def _distinct_inputs(block: list[tuple[str, LayerShape]]) -> list[int]:
     keys = {}
     for name, shape in block:
         parent, _, child = name.rpartition(".")
-        keys[(parent, shape.in_features, bool(OUTPUT_LAYERS.search(child)))] = shape.in_features
+        own = child.isdigit()  # one expert of a list: its own tokens
+        keys[(name if own else parent, shape.in_features, bool(OUTPUT_LAYERS.search(child)))] = shape.in_features
     return list(keys.values())
 
 
@@ -92,7 +93,9 @@ def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: 
                 capacity_bytes: int | None = None) -> MemoryPlan:
     """Predicted peak bytes of each stage of compress on `model` (typically on the meta device).
     With `fsdp` the pass's weights and factors are split over the processes, plus one block
-    gathered whole at a time, and the whitening keeps the decoder blocks in host memory."""
+    gathered whole at a time, and the whitening keeps the decoder blocks in host memory. Experts
+    are counted as the pass sees them, one Linear per expert and matrix (`model` is unfused in place)."""
+    unfuse_experts(model)
     b = dtype_bytes
     per_block = _targets_by_block(model)
     shapes = [shape for block in per_block for _, shape in block]

@@ -24,7 +24,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .errors import HfCompressError
-from .formats import mark_compressed, source_of, source_sizes
+from .formats import mark_compressed, source_of, source_sizes, unfuse_experts
 from .layers import StoredTensor, layer_shape
 from .offload import input_device
 
@@ -102,7 +102,8 @@ def bnb_config(method: str, skip: list[str], compute_dtype: torch.dtype) -> Bits
 def quantize(model: PreTrainedModel, method: str = "nf4", quantize_head: bool = False) -> PreTrainedModel:
     """A bitsandbytes-quantized copy of `model` (nf4, fp4 or int8) on the model's device.
 
-    Embeddings and the output head keep their dtype (`quantize_head=True` quantizes an untied
+    Experts of mixture-of-experts layers are quantized one Linear per expert and matrix (the
+    model's experts are unfused in place). Embeddings and the output head keep their dtype (`quantize_head=True` quantizes an untied
     head too). The copy saves with its `quantization_config` and reloads with plain transformers.
     """
     check_method(method)
@@ -111,6 +112,7 @@ def quantize(model: PreTrainedModel, method: str = "nf4", quantize_head: bool = 
     if quantize_head and getattr(model.config, "tie_word_embeddings", False):
         raise HfCompressError("the output head shares its weights with the input embeddings, which stay in "
                               "float; quantizing it would untie them")
+    unfuse_experts(model)  # experts as Linears get quantized too (in place: the model computes the same)
     skip = unquantized_modules(model, method, quantize_head)
     device = input_device(model)
     with tempfile.TemporaryDirectory(prefix="hf-compress-quantize-") as tmp:

@@ -9,6 +9,8 @@ channels or head groups refits its kept columns. Within a block the layers are r
 order they are called, each group that reads one input after the groups before it have been
 refit, so every step sees the inputs it will see in use. The fit is ridge regression pulled
 toward the layer's current weights, so a layer the windows say little about stays as it was.
+Experts are left as they are: the router sends other tokens to an expert in the compressed model
+than in the dense one, so there are no input pairs to fit on.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layers import decoder_blocks, dense_weight, set_dense_weight
-from ..modeling_hf_compress import FactorizedLinear
+from ..modeling_hf_compress import ExpertLinears, FactorizedLinear
 from ..offload import input_device, resident
 from .whitening import block_output, record_block_calls
 
@@ -62,7 +64,7 @@ def compensate(model: nn.Module, dense: nn.Module, windows: torch.Tensor, rows: 
     for index in tqdm(range(len(blocks)), desc="compensation, block by block", leave=False, disable=not show_progress):
         block, dense_block, arguments = blocks[index], dense_blocks[index], calls[index]
         inside = {name.removeprefix(f"{prefix}.{index}."): kept for name, kept in rows.items()
-                  if name.startswith(f"{prefix}.{index}.")}
+                  if name.startswith(f"{prefix}.{index}.") and not _is_expert(model, name)}
         with resident(block, keep_changes=bool(inside)), resident(dense_block):  # offloaded blocks: one at a time
             dense_inputs = _run(dense_block, list(inside), dense_hidden, arguments)
             for group in _groups(block, list(inside), hidden[0], arguments[0]):
@@ -70,6 +72,11 @@ def compensate(model: nn.Module, dense: nn.Module, windows: torch.Tensor, rows: 
             _run(block, [], hidden, arguments)
         calls[index] = None
     return model
+
+
+def _is_expert(model: nn.Module, name: str) -> bool:
+    """Whether the layer `name` is one expert's matrix (`....experts.up.3`)."""
+    return isinstance(model.get_submodule(name.rsplit(".", 2)[0]), ExpertLinears)
 
 
 def _run(block: nn.Module, names: list[str], hidden: list[torch.Tensor], arguments) -> dict[str, list[torch.Tensor]]:

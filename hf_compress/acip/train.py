@@ -25,7 +25,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from ..formats import source_of, source_sizes
+from ..formats import source_of, source_sizes, unfuse_experts
 from ..errors import HfCompressError
 from ..io import atomic_save, read_state
 from ..layers import LayerShape, decoder_blocks, expert_params, find_targets, require_dense
@@ -85,8 +85,10 @@ def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progres
     """Put `model` in SVD form (whitened on the first windows of `data` if asked, one block at a
     time) on `device`, or with `offload` everything but its decoder blocks, which wait on the CPU
     and visit `device` one at a time. Returns the SVDLinear layers and the original modules by
-    name, the originals moved to CPU as soon as they are replaced (kept for the dense base)."""
+    name, the originals moved to CPU as soon as they are replaced (kept for the dense base).
+    Mixture-of-experts layers become one Linear per expert and matrix first (for good)."""
     model.requires_grad_(False)
+    unfuse_experts(model)
     with _without_blocks(model) if offload else contextlib.nullcontext():
         model.to(device)
     originals = find_targets(model, config.include, config.exclude)
@@ -173,14 +175,14 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     data = shuffled(data, config.seed)
     show_progress = show_progress and accelerator.is_main_process
     stages = StageMeter(accelerator.device)
+    layers, originals = svd_form(model, data, config, accelerator.device, show_progress, offload=fsdp)
     experts = sum(expert_params(model).values())
     if experts:
         total = sum(p.numel() for p in model.parameters())
         warnings.warn(
-            f"the experts' weights ({experts / total:.0%} of the model's parameters, stored as 3-D tensors) are not "
-            "compressed yet: the size ratios of this pass count the other layers only"
+            f"the experts' weights ({experts / total:.0%} of the model's parameters, stored as 3-D tensors in a layout "
+            "not supported) are not compressed: the size ratios of this pass count the other layers only"
         )
-    layers, originals = svd_form(model, data, config, accelerator.device, show_progress, offload=fsdp)
     # The pass trains a second module tree over the same tensors, so that `model` is its dense
     # self again at once and stays a plain transformers model whatever DDP or FSDP do to the other.
     trained = training_copy(model)
