@@ -188,6 +188,11 @@ def expert_params(model: PreTrainedModel) -> dict[str, int]:
     return {f"{prefix}.{name}": p.numel() for name, p in blocks.named_parameters() if p.dim() > 2}
 
 
+def shrinkable_params(model: PreTrainedModel) -> int:
+    """Parameters of what fold and prune shrink: the targeted layers and the experts' stacks."""
+    return sum(layer_shape(m).dense_params for m in find_targets(model).values()) + sum(expert_params(model).values())
+
+
 def require_dense(model: PreTrainedModel, action: str, factorized_hint: str) -> None:
     """Folding and compressing read dense float weights: refuse, in one sentence, models whose
     targeted layers are quantized or already factorized."""

@@ -51,6 +51,23 @@ class ExpertLinears(nn.Module):
             delattr(experts, name)
         self.gating = experts
 
+    def fused(self) -> nn.Module:
+        """The transformers module again, its stacks made of the Linears (at their current widths:
+        every expert of one width)."""
+        experts = self.gating
+        first = "gate_up_proj" if experts.has_gate else "up_proj"
+        for name, linears in ((first, self.up), ("down_proj", self.down)):
+            weights = [layer.weight.t() if experts.is_transposed else layer.weight for layer in linears]
+            setattr(experts, name, nn.Parameter(torch.stack(weights).detach()))
+            if linears[0].bias is not None:
+                setattr(experts, f"{name}_bias", nn.Parameter(torch.stack([layer.bias for layer in linears]).detach()))
+        width = self.down[0].in_features
+        for attribute in ("intermediate_dim", "intermediate_size"):
+            if hasattr(experts, attribute):
+                setattr(experts, attribute, width)
+        experts.num_experts = len(self.up)
+        return experts
+
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None, router_indices=None, routing_weights=None):
         index = top_k_index if top_k_index is not None else router_indices  # gpt-oss names them so
         weights = top_k_weights if top_k_weights is not None else routing_weights

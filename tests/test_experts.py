@@ -1,6 +1,6 @@
 """Mixture-of-experts models: every expert's matrices are layers like any other (one Linear per
 expert and matrix), compressed, materialized, counted and quantized, and reloaded by transformers
-alone; the router stays dense."""
+alone; the router stays dense. Fold and prune keep fewer experts in the same architecture."""
 
 import json
 import warnings
@@ -10,8 +10,8 @@ import torch
 import transformers as T
 from transformers import AutoModelForCausalLM
 
-from conftest import COMMON, VOCAB, ok, tiny_data
-from hf_compress import acip
+from conftest import COMMON, VOCAB, ok, tiny_data, tiny_model
+from hf_compress import HfCompressError, acip, fold, prune
 from hf_compress.acip.compressible import CompressibleModel
 from hf_compress.checkpoint import save_checkpoint
 from hf_compress.formats import unfuse_experts
@@ -105,15 +105,19 @@ def test_the_memory_plan_counts_every_expert(tmp_path):
 
 @pytest.mark.slow
 def test_the_cli_counts_and_quantizes_experts(tmp_path, tokenizer):
-    """compress -> info -> materialize under a byte budget with nf4, on a Mixtral checkpoint on disk."""
+    """fold to fewer experts -> compress -> info -> materialize under a byte budget with nf4, and
+    quantize of the dense MoE, on a Mixtral checkpoint on disk."""
     source = tmp_path / "mixtral"
     torch.manual_seed(0)
     config = T.MixtralConfig(**{**COMMON, "hidden_size": 128, "intermediate_size": 256}, num_local_experts=4, **MOE)
     AutoModelForCausalLM.from_config(config).save_pretrained(source)
     tokenizer.save_pretrained(source)
-    ok("compress", source, "--output", tmp_path / "acip", "--max-steps", 4, "--seq-len", 32, "--batch-size", 4)
+    ok("fold", source, "--ratio", 1, "--experts-ratio", 0.5, "--layers", "all", "--output", tmp_path / "f")
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["num_local_experts"] == 2
+    ok("compress", tmp_path / "f", "--output", tmp_path / "acip", "--max-steps", 4, "--seq-len", 32,
+       "--batch-size", 4)
     sizes = json.loads(ok("info", tmp_path / "acip", "--json")[0])
-    expert_weights = 2 * 4 * 3 * 128 * 256  # blocks x experts x (gate, up, down) x hidden x intermediate
+    expert_weights = 2 * 2 * 3 * 128 * 256  # blocks x experts x (gate, up, down) x hidden x intermediate
     assert sizes["target_dense_params"] > expert_weights
     ok("materialize", tmp_path / "acip", "--max-size", "1MB", "--quantize", "nf4", "--output", tmp_path / "q")
     report = json.loads(ok("info", tmp_path / "q", "--json")[0])
@@ -123,3 +127,98 @@ def test_the_cli_counts_and_quantizes_experts(tmp_path, tokenizer):
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
         linears = [m for name, m in model.named_modules() if ".experts.up." in name or ".experts.down." in name]
         assert any(type(m).__name__ == "Linear4bit" for m in linears), path
+
+
+# --- fewer experts, same architecture ---------------------------------------------------------------
+
+
+def duplicated_mixtral():
+    """Top-1 Mixtral whose experts 2 and 3 copy experts 0 and 1 (weights and router rows)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=1))
+    with torch.no_grad():
+        for block in model.model.layers:
+            moe = block.mlp
+            for tensor in (moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight):
+                tensor[2:] = tensor[:2]
+    return model.eval()
+
+
+def test_fold_merges_duplicated_experts_back_exactly(tmp_path):
+    model, inputs = duplicated_mixtral(), tiny_data(2, seed=5)
+    with torch.no_grad():
+        before = model(inputs).logits
+    fold(model, ratio=1.0, experts_ratio=0.5, layers="all", show_progress=False)
+    assert model.config.num_local_experts == 2 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2
+    assert model.config.hf_compress["expert_count"] == {"before": 4, "after": 2}
+    assert 0.5 < model.config.hf_compress["size_ratio"] < 0.6  # the experts hold most of the targeted weights
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, before, rtol=0, atol=1e-5)
+    save_checkpoint(model, None, tmp_path / "folded")
+    assert "auto_map" not in json.loads((tmp_path / "folded" / "config.json").read_text())
+    (reloaded,) = reload_without_hf_compress([tmp_path / "folded"], inputs, tmp_path)
+    torch.testing.assert_close(reloaded, before, rtol=1e-4, atol=1e-4)
+
+
+def test_prune_keeps_the_experts_that_carry_the_most_output():
+    model = build("mixtral")
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mlp.experts.down_proj[[0, 2]] *= 1e-3  # experts 0 and 2 hardly change the output
+        kept = [(b.mlp.experts.gate_up_proj[[1, 3]].clone(), b.mlp.gate.weight[[1, 3]].clone())
+                for b in model.model.layers]
+    prune(model, tiny_data(8), ratio=1.0, experts_ratio=0.5, show_progress=False)
+    for block, (stacks, router) in zip(model.model.layers, kept):
+        torch.testing.assert_close(block.mlp.experts.gate_up_proj, stacks)
+        torch.testing.assert_close(block.mlp.gate.weight, router)
+    assert block.mlp.gate.num_experts == block.mlp.experts.num_experts == 2
+
+
+SHARED_EXPERTS = ("qwen2_moe", "deepseek_v3")  # their channels stay: whole experts only
+
+
+def test_every_family_folds_and_prunes_experts_for_plain_transformers(tmp_path):
+    """Fewer experts, with half the channels of each one where the family allows, in the same
+    architecture; and channels of one block's experts only, in per-layer shapes (remote code)."""
+    inputs, directories, expected = tiny_data(2, seed=5), [], []
+    for family in FAMILIES:
+        ratio = 1.0 if family in SHARED_EXPERTS else 0.5
+        shrinks = {"fold": lambda m: fold(m, ratio=ratio, experts_ratio=0.5, layers="all", show_progress=False),
+                   "prune": lambda m: prune(m, tiny_data(8), ratio=ratio, experts_ratio=0.5, show_progress=False)}
+        if family not in SHARED_EXPERTS:
+            shrinks["one-block"] = lambda m: fold(m, ratio=0.5, layers=[1], show_progress=False)
+        for name, shrink in shrinks.items():
+            model = build(family)
+            shrink(model)
+            with torch.no_grad():
+                expected.append(model(inputs).logits)
+            save_checkpoint(model, None, tmp_path / family / name)
+            config = json.loads((tmp_path / family / name / "config.json").read_text())
+            assert ("auto_map" in config) == (name == "one-block"), (family, name)
+            assert model.config.hf_compress["size_ratio"] < 0.85, (family, name)
+            directories.append(tmp_path / family / name)
+    for got, want in zip(reload_without_hf_compress(directories, inputs, tmp_path), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,call,message", [
+    ("mixtral", lambda m: fold(m, ratio=1.0, experts_ratio=0.25, show_progress=False),
+     "keeps 1 experts per layer, fewer than the 2 each token is routed to"),
+    ("mixtral", lambda m: prune(m, None, ratio=1.0, experts_ratio=0.5, method="magnitude", show_progress=False),
+     "magnitude selection cannot choose experts"),
+    ("mixtral", lambda m: fold(m, ratio=0.5, experts_ratio=0.5, show_progress=False),
+     "folding the channels of experts needs a fixed schedule"),
+    ("qwen2_moe", lambda m: prune(m, tiny_data(8), ratio=0.5, layers="all", show_progress=False),
+     "cannot prune the channels of Qwen2MoeSparseMoeBlock's experts beside its shared_expert/shared_expert_gate"),
+])
+def test_what_fewer_experts_cannot_do_says_why(family, call, message):
+    model = build(family)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(HfCompressError, match=message):
+        call(model)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # nothing changed
+
+
+def test_experts_ratio_needs_experts():
+    with pytest.raises(HfCompressError, match="--experts-ratio needs a mixture-of-experts model"):
+        fold(tiny_model(), ratio=1.0, experts_ratio=0.5, show_progress=False)

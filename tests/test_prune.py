@@ -57,7 +57,8 @@ def test_activation_drops_what_never_reaches_the_output_and_magnitude_keeps_it()
 def test_activation_scores_are_weights_times_input_norms():
     model, data = tiny_model(), tiny_data(4)
     found = sites(model, PruneConfig(ratio=0.5, heads_ratio=0.5))
-    table = activation_scores(model, data, found, batch_size=2, show_progress=False)
+    table = {(index, site.kind): scores for (index, site), scores in
+             activation_scores(model, data, found, batch_size=2, show_progress=False).items()}
     seen = {}
     block = model.model.layers[1]
     hooks = [block.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("mlp", []).append(a[0])),
@@ -127,8 +128,9 @@ def test_torque_kills_the_units_farthest_from_the_pivot_and_prunes_the_dead_firs
     config = PruneConfig(ratio=0.75, **{k: v for k, v in TORQUE.items() if k != "show_progress"})
     found = sites(model, config)
     importance = activation_scores(model, data, found, batch_size=4, show_progress=False)
-    scores = torque_scores(model, data, found, config, lambda: importance, show_progress=False)[0, "mlp"]
-    order = importance[0, "mlp"].argsort(descending=True)
+    mlp = found[0][2]  # block 0's MLP
+    scores = torque_scores(model, data, found, config, lambda: importance, show_progress=False)[0, mlp]
+    order = importance[0, mlp].argsort(descending=True)
     assert (scores[order[-10:]] < 0).all() and (scores[order[:10]] > 1).all()  # far ones died, near ones live
     assert (scores > 0).float().mean() >= 0.7  # mostly the units beyond the 72 kept
     pruned = prune(tiny_model(), data, ratio=0.75, **TORQUE)

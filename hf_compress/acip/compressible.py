@@ -39,7 +39,6 @@ from ..modeling_hf_compress import factorize_
 from ..offload import input_device, resident
 from ..shrink.rewrite import shrink_config, shrink_site
 from ..shrink.selection import Chosen
-from ..shrink.sites import MLP_WIDTHS
 from .compensate import compensate as compensate_layers
 from .config import AcipConfig
 from .gates import SiteRef, widths
@@ -443,9 +442,8 @@ class CompressibleModel:
         removed = {kind: [k for k, _ in pairs] for kind, pairs in kept.items() if any(k < n for k, n in pairs)}
         if not all(len(counts) == len(blocks) and len(set(counts)) == 1 for counts in removed.values()):
             return False
-        config = model.config.get_text_config()
-        channels = removed.get("mlp", [next(getattr(config, w) for w in MLP_WIDTHS if hasattr(config, w))])[0]
-        shrink_config(config, blocks, channels, removed["attention"][0] if "attention" in removed else None)
+        shrink_config(model.config.get_text_config(), blocks, removed["mlp"][0] if "mlp" in removed else None, None,
+                      removed["attention"][0] if "attention" in removed else None)
         return True
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> CompressibleModel:

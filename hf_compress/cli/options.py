@@ -91,6 +91,9 @@ Ratio = Annotated[float, typer.Option(
     help="Fraction of MLP channels kept, in (0, 1]: over the whole model under --layers global, else per block.")]
 HeadsRatio = Annotated[float, typer.Option(help="Fraction of key/value head groups kept, as --ratio (1.0: attention "
                                                 "untouched).")]
+ExpertsRatio = Annotated[float, typer.Option(
+    help="Fraction of the experts each mixture-of-experts layer keeps, in (0, 1]; the config's expert count "
+         "shrinks (same architecture). Combine with --ratio 1 to leave the other MLPs alone.")]
 Layers = Annotated[str, typer.Option(
     help="Schedule: 'global' (each block keeps what its measured cost allows; per-layer sizes), 'all' (every block "
          "alike: same architecture, no remote code), 'middle' (all but the first two and last two blocks), or "

@@ -12,6 +12,7 @@ import typer
 from ..errors import HfCompressError
 from .app import app, check_output_dir, config_from, console, load, on_disk, progress_dir, quantized_note
 from .options import (BatchSize, Dataset, DatasetConfig, DatasetRevision, DatasetSplit, Device, DeviceMap, Dtype,
+                      ExpertsRatio,
                       GradientCheckpointing, HeadsRatio, Layers, MaxMemory, MaxShardSize, MaxSteps, Model, Output,
                       Overwrite, Quantize, QuantizeHead, Ratio, Revision, SaveEvery, Seed, SeqLen, TextColumn, Token,
                       TrustRemoteCode, Windows)
@@ -23,6 +24,7 @@ def fold_command(
     ratio: Ratio,
     output: Output,
     heads_ratio: HeadsRatio = 1.0,
+    experts_ratio: ExpertsRatio = 1.0,
     layers: Layers = "global",
     seed: Seed = 0,
     iterations: Annotated[int, typer.Option(help="k-means iterations per site.")] = 20,
@@ -63,6 +65,7 @@ def prune_command(
              "weights while exponential torque pulls the least important units to zero) or 'magnitude' (weights "
              "only, no data).")] = "activation",
     heads_ratio: HeadsRatio = 1.0,
+    experts_ratio: ExpertsRatio = 1.0,
     layers: Layers = "all",
     dataset: Dataset = "builtin",
     dataset_config: DatasetConfig = None,

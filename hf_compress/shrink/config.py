@@ -18,11 +18,13 @@ class ShrinkConfig:
     "all" (every block: the architecture stays, no remote code to load it), a list of block
     indices at `ratio`, or a {block: ratio} dict; "global" (`allocate.py`) makes `ratio` and
     `heads_ratio` whole-model fractions and lets each block keep what its measured cost deserves.
+    `experts_ratio` is the fraction of experts each mixture-of-experts layer keeps (`experts.py`).
     `quantize` quantizes the result with bitsandbytes (widths rounded to what its kernel packs).
     `seed` seeds what is random: k-means, the data-free probe, torque's data order."""
 
     ratio: float = 0.9
     heads_ratio: float = 1.0
+    experts_ratio: float = 1.0
     layers: str | list[int] | dict[int, float] = "middle"
     quantize: str | None = None  # nf4, fp4, int8
     quantize_head: bool = False
@@ -31,7 +33,7 @@ class ShrinkConfig:
     verb = "shrink"  # what the operation is called in errors and records
 
     def __post_init__(self):
-        ratios = {"ratio": self.ratio, "heads ratio": self.heads_ratio}
+        ratios = {"ratio": self.ratio, "heads ratio": self.heads_ratio, "experts ratio": self.experts_ratio}
         if isinstance(self.layers, dict):
             ratios |= {f"ratio of block {index}": ratio for index, ratio in self.layers.items()}
         for name, value in ratios.items():

@@ -1,7 +1,7 @@
 """One driver for every same-architecture method, and the user's two verbs on top of it.
 
-`shrink` finds the sites once (checking the model before anything changes), lets the method's
-selection look at the whole model, allocates the blocks' ratios under the "global" schedule, and
+`shrink` finds the sites once (checking the model before anything changes), merges or drops
+whole experts of mixture-of-experts layers, lets the method's selection look at the whole model, allocates the blocks' ratios under the "global" schedule, and
 rewrites the blocks. `fold` and `prune` only pick the selection.
 """
 
@@ -13,13 +13,16 @@ import torch
 from transformers import PreTrainedModel
 
 from ..errors import HfCompressError
-from ..layers import require_dense
+from ..formats import source_sizes
+from ..layers import decoder_blocks, require_dense, shrinkable_params
+from ..modeling_hf_compress import unfuse_experts_
 from .allocate import PROBE_LENGTH, PROBE_WINDOWS, allocated, random_windows
 from .config import FoldConfig, PruneConfig, ShrinkConfig
+from .experts import fewer_experts
 from .kmeans import KMeansFold
 from .rewrite import rewrite
 from .selection import Activation, Magnitude, Selection
-from .sites import sites
+from .sites import fused_experts_of, sites
 from .torque import Torque
 
 
@@ -36,12 +39,19 @@ def shrink(model: PreTrainedModel, config: ShrinkConfig, selection: Selection, d
     if selection.needs_data and (data is None or len(data) == 0):
         raise HfCompressError(f"{config.verb} with {type(selection).__name__.lower()} scores needs calibration windows")
     found = sites(model, config)
+    dense_params, sizes = shrinkable_params(model), source_sizes(model)
     if selection.needs_data:
         record |= {"windows": len(data), "seq_len": data.shape[1]}
+    if config.experts_ratio < 1:
+        record |= fewer_experts(model, config.experts_ratio, selection, data, config.verb, show_progress)
+        found = sites(model, config)  # one site per expert left
+    _, blocks = decoder_blocks(model)
+    inside = {index for index, _, site in found if site.kind == "experts"}
+    unfuse_experts_(blocks, [f"{index}.{fused_experts_of(blocks[index])[0]}" for index in inside])  # channels: Linears
     record |= selection.prepare(model, data, found, show_progress)
     probe = data[:PROBE_WINDOWS, :PROBE_LENGTH] if selection.needs_data else random_windows(model, seed=config.seed)
     found = allocated(model, config, selection, found, probe, show_progress)
-    return rewrite(model, config, selection, found, show_progress, **record)
+    return rewrite(model, config, selection, found, dense_params, sizes, show_progress, **record)
 
 
 def fold(model: PreTrainedModel, config: FoldConfig | None = None, show_progress: bool = True,

@@ -30,6 +30,14 @@ class KMeansFold(Selection):
     def labels(self, index, site, inputs, outputs, k):
         return kmeans(inputs, k, self.config.seed, self.config.iterations, weights=output_weights(outputs))
 
+    def expert_groups(self, model, layers, k, data, show_progress=True):
+        """Experts clustered by all their weights (the folding paper's merge: each cluster's mean)."""
+        groups = []
+        for layer in layers:
+            labels = kmeans(layer.features(), k, self.config.seed, self.config.iterations)
+            groups.append([(labels == label).nonzero().flatten() for label in range(k)])
+        return groups
+
 
 def project(points: torch.Tensor, dims: int, seed: int) -> torch.Tensor:
     """A Gaussian random projection to `dims` dimensions: it keeps pairwise distances to within

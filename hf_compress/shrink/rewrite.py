@@ -12,15 +12,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..formats import mark_compressed, source_sizes
+from ..formats import mark_compressed
 from ..errors import HfCompressError
-from ..modeling_hf_compress import layer_like, replace_layer_
-from ..layers import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight
+from ..modeling_hf_compress import ExpertLinears, layer_like, replace_layer_
+from ..layers import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight, shrinkable_params
 from ..offload import resident
 from ..quantize import quantize, width_multiple
 from .config import ShrinkConfig
 from .selection import Selection
-from .sites import HEAD_COUNTS, MLP_WIDTHS, Segment, Site, head_layout, ing
+from .sites import EXPERT_WIDTHS, HEAD_COUNTS, MLP_WIDTHS, Segment, Site, head_layout, ing
 
 
 def _read_rows(block, seg: Segment):
@@ -109,28 +109,33 @@ def shrink_site(block: nn.Module, index: int, site: Site, ratio: float, selectio
 
 @torch.no_grad()
 def rewrite(model: PreTrainedModel, config: ShrinkConfig, selection: Selection, found: list[tuple[int, float, Site]],
-            show_progress: bool = True, **record) -> PreTrainedModel:
+            dense_params: int, sizes: dict, show_progress: bool = True, **record) -> PreTrainedModel:
     """Shrink `model` in place with `selection` at the (block, ratio, site) entries `found`
     and return it (quantized, a new model, if `quantize` is set). Shrinking every block at one ratio keeps the architecture
     (smaller intermediate_size / head counts, no remote code needed); anything else records
-    per-layer shapes for the self-contained checkpoint format. `record` goes into the config
-    beside what every shrink records."""
+    per-layer shapes for the self-contained checkpoint format. `dense_params` (`shrinkable_params`)
+    and `sizes` (`source_sizes`) were measured before anything changed; `record` goes into the
+    config beside what every shrink records."""
     text_config = model.config.get_text_config()
     _, blocks = decoder_blocks(model)
-    sizes = source_sizes(model)
-    dense_params = sum(layer_shape(m).dense_params for m in find_targets(model).values())
     uniform = _uniform(found, len(blocks))
     check_head_counts(blocks, config, uniform)
-    kept = {"mlp": set(), "attention": set()}
+    kept = {"mlp": set(), "experts": set(), "attention": set()}
     multiple = width_multiple(config.quantize)
     for index, ratio, site in tqdm(found, desc=ing(config.verb), disable=not show_progress, leave=False):
         with resident(blocks[index], keep_changes=True):
             kept[site.kind].add(shrink_site(blocks[index], index, site, ratio, selection,
-                                            multiple if site.kind == "mlp" else 1))
+                                            1 if site.kind == "attention" else multiple))
+    unfused = [name for name, module in model.named_modules() if isinstance(module, ExpertLinears)]
     if uniform:
-        shrink_config(text_config, blocks, kept["mlp"].pop(), kept["attention"].pop() if kept["attention"] else None)
-    shrunk = find_targets(model)
-    params = sum(layer_shape(m).dense_params for m in shrunk.values())
+        shrink_config(text_config, blocks, *(kept[kind].pop() if kept[kind] else None for kind in kept))
+        for name in unfused:  # every expert at one width: transformers' stacks again
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, model.get_submodule(name).fused())
+    elif unfused:
+        record["experts"] = unfused  # the checkpoint rebuilds them
+    shrunk = find_targets(model)  # expert Linears too, when they stay unfused
+    params = shrinkable_params(model)
     shapes = {} if uniform else {name: [layer_shape(m).in_features, layer_shape(m).out_features]
                                  for name, m in shrunk.items()}
     mark_compressed(model, shapes=shapes, method=config.verb, **{config.verb: config.to_dict()}, **record,
@@ -140,11 +145,11 @@ def rewrite(model: PreTrainedModel, config: ShrinkConfig, selection: Selection, 
 
 
 def _uniform(found: list[tuple[int, float, Site]], n_blocks: int) -> bool:
-    """Every block's MLP (and attention, if any) shrunk at one ratio: the architecture stays."""
+    """Every block's MLP and attention, where shrunk, at one ratio: the architecture stays."""
     by_kind: dict[str, dict[int, float]] = {}
     for index, ratio, site in found:
         by_kind.setdefault(site.kind, {})[index] = ratio
-    return "mlp" in by_kind and all(len(r) == n_blocks and len(set(r.values())) == 1 for r in by_kind.values())
+    return all(len(r) == n_blocks and len(set(r.values())) == 1 for r in by_kind.values())
 
 
 def check_head_counts(blocks: nn.ModuleList, config: ShrinkConfig, uniform: bool) -> None:
@@ -156,9 +161,13 @@ def check_head_counts(blocks: nn.ModuleList, config: ShrinkConfig, uniform: bool
         )
 
 
-def shrink_config(config, blocks: nn.ModuleList, channels: int, groups: int | None) -> None:
+def shrink_config(config, blocks: nn.ModuleList, channels: int | None, expert_channels: int | None,
+                  groups: int | None) -> None:
     """After a uniform shrink: the config (and head counts cached on attention modules)."""
-    setattr(config, next(name for name in MLP_WIDTHS if hasattr(config, name)), channels)
+    if channels is not None:
+        setattr(config, next(name for name in MLP_WIDTHS if hasattr(config, name)), channels)
+    if expert_channels is not None:
+        setattr(config, next(name for name in EXPERT_WIDTHS if hasattr(config, name)), expert_channels)
     if groups is None:
         return
     heads, kv_heads, head_dim = head_layout(blocks[0], config)

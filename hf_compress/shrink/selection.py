@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ..errors import HfCompressError
 from ..layers import decoder_blocks, dense_weight
 from ..offload import input_device, resident
 from .config import PruneConfig
@@ -33,6 +34,13 @@ class Selection:
         """Label in [0, k) of each unit of block `index`'s `site`, or -1 to drop it. `inputs`
         holds each unit's input-side rows (and row biases) flattened, `outputs` its columns."""
         raise NotImplementedError
+
+    def expert_groups(self, model: PreTrainedModel, layers: list, k: int, data: torch.Tensor | None,
+                      show_progress: bool = True) -> list[list[torch.Tensor]]:
+        """For each MoE layer (`experts.MoELayer`), the k groups of experts whose means become its
+        new experts (a group of one keeps that expert as it is)."""
+        raise HfCompressError(f"{type(self).__name__.lower()} selection cannot choose experts: fold, or prune with "
+                              "--method activation, takes --experts-ratio")
 
 
 class TopK(Selection):
@@ -68,30 +76,35 @@ class Magnitude(TopK):
 
 
 class Scored(TopK):
-    """Keep the units a method scored in `prepare`: (block, site kind) -> one score per unit."""
+    """Keep the units a method scored in `prepare`: (block, site) -> one score per unit."""
 
     needs_data = True
 
     def __init__(self, config: PruneConfig):
         self.config = config
-        self.table: dict[tuple[int, str], torch.Tensor] = {}
+        self.table: dict[tuple[int, Site], torch.Tensor] = {}
 
     def scores(self, index, site, inputs, outputs):
-        return self.table[index, site.kind]
+        return self.table[index, site]
 
 
 class Activation(Scored):
-    """Wanda-sp / FLAP: output weights times activation norms, from one forward sweep."""
+    """Wanda-sp / FLAP: output weights times activation norms, from one forward sweep; experts by
+    the router-weighted output they carry."""
 
     def prepare(self, model, data, found, show_progress=True):
-        self.table = activation_scores(model, data, found, self.config.batch_size, show_progress)
+        self.table = activation_scores(model, data, found, self.config.batch_size, show_progress) if found else {}
         return {}
+
+    def expert_groups(self, model, layers, k, data, show_progress=True):
+        scores = routed_outputs(model, layers, data, self.config.batch_size, show_progress)
+        return [list(score.topk(k).indices.sort().values[:, None]) for score in scores]
 
 
 @torch.no_grad()
 def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tuple[int, float, Site]],
-                      batch_size: int, show_progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
-    """(block, site kind) -> each unit's score from one forward sweep over `data`, as Wanda-sp /
+                      batch_size: int, show_progress: bool = True) -> dict[tuple[int, Site], torch.Tensor]:
+    """(block, site) -> each unit's score from one forward sweep over `data`, as Wanda-sp /
     FLAP: the sum over its output-side columns j of |W[:, j]|_1 x ||x_j||, x_j that column's input
     over the calibration tokens, so a unit with large weights that is rarely active scores as low
     as an active unit with small weights."""
@@ -122,5 +135,42 @@ def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tu
                 weight = dense_weight(blocks[index].get_submodule(seg.module)).float()[:, columns]
                 score = weight.abs().sum(0) * squares[index, seg.module][columns].sqrt()
                 total = total + score.reshape(seg.units, seg.per_unit).sum(1)
-        table[index, site.kind] = total
+        table[index, site] = total
     return table
+
+
+@torch.no_grad()
+def routed_outputs(model: PreTrainedModel, layers: list, data: torch.Tensor, batch_size: int,
+                   show_progress: bool = True) -> list[torch.Tensor]:
+    """Per MoE layer (`experts.MoELayer`), each expert's router-weighted output over `data`: the sum over the tokens routed
+    to it of routing weight x the norm of what it returns."""
+    scores = [torch.zeros(layer.count) for layer in layers]
+    busy = []
+
+    def observe(i):
+        def hook(module, args, kwargs):
+            if busy:  # the expert calls below
+                return
+            hidden, index, weights = (*args, *kwargs.values())[:3]
+            busy.append(True)
+            try:
+                for expert in index.unique().tolist():
+                    if expert >= layers[i].count:
+                        continue
+                    token, position = torch.where(index == expert)
+                    single = torch.full((len(token), 1), expert, dtype=index.dtype, device=index.device)
+                    out = module(hidden[token], single, torch.ones_like(weights[token][:, :1]))
+                    scores[i][expert] += (weights[token, position].float() * out.float().norm(dim=-1)).sum().cpu()
+            finally:
+                busy.clear()
+        return hook
+
+    handles = [layer.experts.register_forward_pre_hook(observe(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = input_device(model)
+    try:
+        for batch in tqdm(data.split(batch_size), desc="expert outputs", disable=not show_progress, leave=False):
+            model(batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return scores

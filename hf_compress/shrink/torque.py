@@ -128,19 +128,20 @@ class UnitGroup:
         return {"rank": self.rank.cpu(), "boundary": self.boundary, "death": self.death}
 
 
-def _settings(config: PruneConfig, data: torch.Tensor, kept: dict[tuple[int, str], int]) -> dict:
+def _settings(config: PruneConfig, data: torch.Tensor, found: list[tuple[int, float, Site]], kept: list[int]) -> dict:
     """Everything a training depends on: a saved state with other settings is not resumed."""
     digest = hashlib.sha1(data.cpu().numpy().tobytes()).hexdigest()
-    return {"sites": [[*key, units] for key, units in kept.items()], "data": [list(data.shape), digest],
+    sites = [[index, site.kind, units] for (index, _, site), units in zip(found, kept)]
+    return {"sites": sites, "data": [list(data.shape), digest],
             **{name: getattr(config, name) for name in ("max_steps", "lr", "strength", "batch_size", "seed")}}
 
 
 def torque_scores(model: nn.Module, data: torch.Tensor, found: list[tuple[int, float, Site]], config: PruneConfig,
-                  importance: Callable[[], dict[tuple[int, str], torch.Tensor]],
+                  importance: Callable[[], dict[tuple[int, Site], torch.Tensor]],
                   progress_dir: str | Path | None = None,
                   show_progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
     """Train `model` in place under torque on `data` (n x seq_len) toward the ratios of `found`
-    and return (block, site kind) -> each unit's score; `importance()` ranks the units of a fresh
+    and return (block, site) -> each unit's score; `importance()` ranks the units of a fresh
     run. Runs where Accelerate puts it (CPU, one GPU, DDP); with `progress_dir` it writes a
     resumable state every `config.save_every` steps and at the end, and a rerun with the same
     settings resumes it (finished: reads it back) without ranking the units again."""
@@ -161,20 +162,19 @@ def torque_scores(model: nn.Module, data: torch.Tensor, found: list[tuple[int, f
     model.to(accelerator.device).eval()  # eval: no dropout, so every process computes the same
     _, blocks = decoder_blocks(model)
     multiple = width_multiple(config.quantize)
-    kept = {(index, site.kind): kept_units(ratio, site.reads[0].units, multiple if site.kind == "mlp" else 1)
-            for index, ratio, site in found}
-    settings = _settings(config, data, kept)
+    kept = [kept_units(ratio, site.reads[0].units, 1 if site.kind == "attention" else multiple)
+            for _, ratio, site in found]
+    settings = _settings(config, data, found, kept)
     progress = Path(progress_dir) / PROGRESS_FILE if progress_dir else None
     saved = _read(progress, settings) if progress is not None and progress.is_file() else None
     if saved is None:
         table = importance()
-        groups = {(index, site.kind): UnitGroup.start(blocks[index], site, kept[index, site.kind],
-                                                      table[index, site.kind].to(accelerator.device))
-                  for index, _, site in found}
+        groups = [UnitGroup.start(blocks[index], site, k, table[index, site].to(accelerator.device))
+                  for (index, _, site), k in zip(found, kept)]
     else:
-        groups = {(index, site.kind): UnitGroup(blocks[index], site, kept[index, site.kind],
-                                                **saved["groups"][index, site.kind]) for index, _, site in found}
-    weights = list({id(w): w for g in groups.values() for w in g.weights()}.values())
+        groups = [UnitGroup(blocks[index], site, k, **state)
+                  for (index, _, site), k, state in zip(found, kept, saved["groups"])]
+    weights = list({id(w): w for g in groups for w in g.weights()}.values())
     model.requires_grad_(False)
     for weight in weights:
         weight.requires_grad_(True)
@@ -196,9 +196,9 @@ def torque_scores(model: nn.Module, data: torch.Tensor, found: list[tuple[int, f
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            for group in groups.values():
+            for group in groups:
                 group.pull(config.strength / config.max_steps, state["step"])
-            dead = sum(int((g.death >= 0).sum()) for g in groups.values())
+            dead = sum(int((g.death >= 0).sum()) for g in groups)
             loss_value = accelerator.reduce(loss.detach(), "mean").item()
             state["history"].append({"step": state["step"], "loss": round(loss_value, 4), "dead": dead})
             bar.update(1)
@@ -208,13 +208,13 @@ def torque_scores(model: nn.Module, data: torch.Tensor, found: list[tuple[int, f
     bar.close()
     model.requires_grad_(False)
     accelerator.wait_for_everyone()
-    return {key: group.scores(config.max_steps) for key, group in groups.items()}
+    return {(index, site): group.scores(config.max_steps) for (index, _, site), group in zip(found, groups)}
 
 
 def _save(accelerator, path: Path, settings, weights, optimizer, groups, state) -> None:
     if accelerator.is_main_process:
         atomic_save({"settings": settings, "state": state, "weights": [w.detach().cpu() for w in weights],
-                     "optimizer": optimizer.state_dict(), "groups": {k: g.state() for k, g in groups.items()}}, path)
+                     "optimizer": optimizer.state_dict(), "groups": [g.state() for g in groups]}, path)
     accelerator.wait_for_everyone()
 
 
