@@ -93,7 +93,8 @@ def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: 
                 capacity_bytes: int | None = None) -> MemoryPlan:
     """Predicted peak bytes of each stage of compress on `model` (typically on the meta device).
     With `fsdp` the pass's weights and factors are split over the processes, plus one block
-    gathered whole at a time, and the whitening keeps the decoder blocks in host memory. Experts
+    gathered whole at a time, and the whitening keeps the decoder blocks in host memory, each
+    process factorizing its share of them. Experts
     are counted as the pass sees them, one Linear per expert and matrix (`model` is unfused in place)."""
     unfuse_experts(model)
     b = dtype_bytes
@@ -125,10 +126,11 @@ def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: 
     block_inputs = whitening_windows * seq_len * hidden * b
     whitening_batch = min(batch_size, whitening_windows) * seq_len
     forward = whitening_batch * max(s.out_features for s in shapes) * 4 * b  # a block's transient activations
+    own_factors = factors // num_processes + block_factors if fsdp else factors  # FSDP: its share of the blocks
     if not on_gpu:
-        resident, whitening_host = weights + factors + values, 0
+        resident, whitening_host = weights + own_factors + values, 0
     elif fsdp:  # the blocks wait in host memory and visit the device one at a time
-        resident, whitening_host = other + block_weights + block_factors, weights + factors + values
+        resident, whitening_host = other + block_weights + block_factors, weights + own_factors + values
     else:
         resident, whitening_host = other + factors + values + biggest.dense_params * b, weights - other
     whitening = resident + block_inputs + covariances + max(cholesky + svd, forward)

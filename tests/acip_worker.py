@@ -13,7 +13,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_compress as hfc
-from hf_compress.acip import objectives
+from hf_compress.acip import layer, objectives
 
 
 def tiny_model():
@@ -37,9 +37,21 @@ def record_sharding(rows_held: list, objective: str) -> None:
     cls.step = step
 
 
+def count_factorizations(calls: list) -> None:
+    """Note each SVD this process computes (under FSDP: only its share of the blocks)."""
+    real = layer.svd_factors
+
+    def svd_factors(*args):
+        calls.append(1)
+        return real(*args)
+
+    layer.svd_factors = svd_factors
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    rows_held = []
+    rows_held, factorized = [], []
+    count_factorizations(factorized)
     objective = os.environ.get("OBJECTIVE", "saliency")
     record_sharding(rows_held, objective)
     model = tiny_model()
@@ -53,5 +65,6 @@ if __name__ == "__main__":
     result = hfc.acip(model, data, max_steps=12, stop_ratio=0.3, batch_size=4, lora_rank=2, objective=objective,
                       show_progress=False)
     if PartialState().is_main_process:
-        torch.save({name: f.score for name, f in result.layers.items()} | {"_summary": result.summary, "_rows_held": max(rows_held)},
+        torch.save({name: f.score for name, f in result.layers.items()}
+                   | {"_summary": result.summary, "_rows_held": max(rows_held), "_factorized": len(factorized)},
                    sys.argv[1])

@@ -65,3 +65,13 @@ def test_materialize_memory_benchmark_runs_on_a_tiny_shape(tmp_path):
     report = json.loads((tmp_path / "materialize_memory_tiny.json").read_text())
     assert set(report["materialize"]) == {"default", "--max-memory 300KB"}
     assert all(run["peak_gib"] > 0 for run in report["materialize"].values())
+
+
+def test_fsdp_memory_benchmark_runs_on_a_tiny_shape(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "fsdp_memory.py"), "--shape", "tiny", "--blocks", "2",
+                    "--work", str(tmp_path / "work"), "--out", str(tmp_path)], check=True, capture_output=True)
+    report = json.loads((tmp_path / "fsdp_memory_tiny.json").read_text())
+    assert set(report["runs"]) == {"1 process", "2 FSDP processes"}
+    assert set(report["runs"]["2 FSDP processes"]["stage_peak_bytes"]) == {"whitening_svd", "pass", "finish"}
+    (compared,) = report["score_maps"].values()
+    assert compared["same_dead_values"] and compared["max_difference"] < 1e-2

@@ -46,6 +46,7 @@ def test_two_processes_give_the_single_process_score_map(tmp_path, one_process, 
     double = run_worker(tmp_path / "two.pt", 2, OBJECTIVE=objective)
     assert single["_summary"]["num_processes"] == 1 and double["_summary"]["num_processes"] == 2
     assert double.pop("_rows_held") == 1.0 and single.pop("_rows_held") == 1.0
+    assert double.pop("_factorized") == single.pop("_factorized") == 14  # DDP: every process factorizes all
     assert single["_summary"]["steps"] == double["_summary"]["steps"]
     for name, scores in single.items():
         if name != "_summary":
@@ -55,11 +56,13 @@ def test_two_processes_give_the_single_process_score_map(tmp_path, one_process, 
 
 
 def test_fsdp_gives_the_single_process_score_map(tmp_path, one_process):
-    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP: blocks sharded with FSDP2, masks whole."""
+    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP: blocks sharded with FSDP2, masks whole;
+    each process factorizes its share of the blocks and receives the rest's rows."""
     single = one_process(OBJECTIVE="saliency")
     sharded = run_worker(tmp_path / "fsdp.pt", 2, OBJECTIVE="saliency", ACCELERATE_USE_FSDP="true")
     assert sharded["_summary"]["fsdp"] and not single["_summary"]["fsdp"]
     assert sharded.pop("_rows_held") == 0.5 and single.pop("_rows_held") == 1.0  # U really was sharded
+    assert sharded.pop("_factorized") == 7 and single.pop("_factorized") == 14  # each process its block, received the other
     assert single["_summary"]["steps"] == sharded["_summary"]["steps"]
     for name, scores in single.items():
         if name != "_summary":

@@ -44,6 +44,8 @@ def test_fsdp_splits_the_pass_over_the_processes_and_keeps_blocks_on_the_host():
     assert stages(on_gpu=True, num_processes=8, fsdp=True)["pass"].device_bytes < fsdp["pass"].device_bytes
     assert fsdp["whitening + SVD"].device_bytes < ddp["whitening + SVD"].device_bytes  # one block visits at a time
     assert fsdp["whitening + SVD"].host_bytes > ddp["whitening + SVD"].host_bytes
+    more = stages(on_gpu=True, num_processes=8, fsdp=True)["whitening + SVD"].host_bytes
+    assert more < fsdp["whitening + SVD"].host_bytes  # each process factorizes its share of the blocks
 
 
 def test_fits_against_capacity():

@@ -78,7 +78,9 @@ class SVDLinear(Ranked):
     process holds all singular values of its rows, and dropping dead values stays local. They
     store alive values first, so the matmuls use column views, not copies; `stored[p]` is the
     value held in column p. Resumable state is masks, scores and LoRA alone (the factors are
-    recomputed deterministically)."""
+    recomputed deterministically). A layer made with `waiting` is another process's to factorize
+    (FSDP): its tensors have their shapes on the meta device until `train.share_factors` fills
+    them."""
 
     def __init__(
         self,
@@ -87,26 +89,35 @@ class SVDLinear(Ranked):
         mask_init: float,
         lora_rank: int = 0,
         lora_alpha: float | None = None,
+        waiting: bool = False,
     ):
         shape = layer_shape(base)
         weight = dense_weight(base).detach()
-        u, s, vt = svd_factors(weight, cholesky)
+        if waiting:
+            rank = min(shape.in_features, shape.out_features)
+            u, s, vt = (torch.empty(size, device="meta")
+                        for size in ((shape.out_features, rank), (rank,), (rank, shape.in_features)))
+        else:
+            u, s, vt = svd_factors(weight, cholesky)
         super().__init__(torch.full_like(s, mask_init), shape.in_features + shape.out_features)
         self.shape: LayerShape = shape
+        self.waiting = waiting
         dtype = weight.dtype
         self.u = nn.Parameter(u.to(dtype).contiguous(), requires_grad=False)
         self.v = nn.Parameter(vt.t().to(dtype).contiguous(), requires_grad=False)
         self.register_buffer("s", s)
         self.register_buffer("stored", torch.arange(len(s), device=s.device))
-        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().to(s.device), requires_grad=False)
         self.lora_scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else 0.0
         if lora_rank:
-            self.lora_a = nn.Parameter(torch.empty(lora_rank, self.shape.in_features, dtype=dtype))
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-            self.lora_b = nn.Parameter(torch.zeros(self.shape.out_features, lora_rank, dtype=dtype))
+            lora_a = torch.empty(lora_rank, self.shape.in_features, dtype=dtype, device=weight.device)
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # in every process: the random stream stays in step
+            self.lora_a = nn.Parameter(lora_a.to(s.device))
+            self.lora_b = nn.Parameter(torch.zeros(self.shape.out_features, lora_rank, dtype=dtype, device=s.device))
         else:
             self.lora_a = self.lora_b = None
-        self.compact()
+        if not waiting:
+            self.compact()
 
     @property
     def rank(self) -> int:
@@ -140,6 +151,8 @@ class SVDLinear(Ranked):
         return full(self.u)[:, take], self.s[values], full(self.v)[:, take].t()
 
     def _apply(self, fn, *args, **kwargs):
+        if self.waiting:  # nothing to move yet
+            return self
         super()._apply(fn, *args, **kwargs)
         self.compact()  # the cached index follows the buffers to their device
         return self

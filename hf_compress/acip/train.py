@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
@@ -43,11 +44,12 @@ COMPENSATION_WINDOWS = 16  # calibration windows kept in the compressible direct
 
 
 def inject(model: nn.Module, config: AcipConfig, names,
-           cholesky: torch.Tensor | None = None) -> dict[str, SVDLinear]:
+           cholesky: torch.Tensor | None = None, waiting: bool = False) -> dict[str, SVDLinear]:
     """Replace the targets `names` in place by SVDLinears (whitened by `cholesky`, the factor of
-    their shared input covariance, if given); return them by name."""
+    their shared input covariance, if given; `waiting` for another process's factors); return
+    them by name."""
     layers = {name: SVDLinear(model.get_submodule(name), cholesky, config.mask_init, config.lora_rank,
-                              config.lora_alpha) for name in names}
+                              config.lora_alpha, waiting) for name in names}
     put_back(model, layers)
     return layers
 
@@ -81,22 +83,32 @@ def soft_ratio(layers: dict[str, SVDLinear], gates: dict[str, UnitGate], objecti
 
 
 def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progress: bool = True,
-             offload: bool = False) -> tuple[dict, dict]:
+             offload: bool = False, share: tuple[int, int] | None = None) -> tuple[dict, dict]:
     """Put `model` in SVD form (whitened on the first windows of `data` if asked, one block at a
     time) on `device`, or with `offload` everything but its decoder blocks, which wait on the CPU
-    and visit `device` one at a time. Returns the SVDLinear layers and the original modules by
-    name, the originals moved to CPU as soon as they are replaced (kept for the dense base).
-    Mixture-of-experts layers become one Linear per expert and matrix first (for good)."""
+    and visit `device` one at a time. With `share` = (this process, processes) only the blocks
+    `owner` gives this process are factorized; the others' layers wait for `share_factors`.
+    Returns the SVDLinear layers and the original modules by name, the originals moved to CPU as
+    soon as they are replaced (kept for the dense base). Mixture-of-experts layers become one
+    Linear per expert and matrix first (for good)."""
     model.requires_grad_(False)
     unfuse_experts(model)
     with _without_blocks(model) if offload else contextlib.nullcontext():
         model.to(device)
     originals = find_targets(model, config.include, config.exclude)
+    prefix, _ = decoder_blocks(model)
+
+    def elsewhere(name: str) -> bool:
+        return share is not None and owner(name, prefix, share[1]) != share[0]
+
     layers = {}
     if config.basis == "whitened":
         windows = data[: config.whitening_windows].to(device)
         for names, covariance in block_covariances(model, originals, list(windows.split(config.batch_size)),
                                                    show_progress, offload):
+            if elsewhere(names[0]):  # (the names of one group are one block's)
+                layers |= inject(model, config, names, waiting=True)
+                continue
             factor = cholesky(covariance)
             del covariance
             layers |= inject(model, config, names, factor)
@@ -108,9 +120,14 @@ def svd_form(model, data: torch.Tensor, config: AcipConfig, device, show_progres
                       "and use the plain SVD basis")
     for name in tqdm(unreached, desc="SVD of target layers", leave=False,
                      disable=not (show_progress and unreached)):
-        layers |= inject(model, config, [name])
+        layers |= inject(model, config, [name], waiting=elsewhere(name))
         originals[name].to("cpu")
     return {name: layers[name] for name in originals}, originals
+
+
+def owner(name: str, prefix: str, processes: int) -> int:
+    """The process that factorizes the layer `name` under FSDP: blocks are dealt out in turn."""
+    return int(name[len(prefix) + 1:].split(".")[0]) % processes
 
 
 @contextlib.contextmanager
@@ -175,7 +192,8 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     data = shuffled(data, config.seed)
     show_progress = show_progress and accelerator.is_main_process
     stages = StageMeter(accelerator.device)
-    layers, originals = svd_form(model, data, config, accelerator.device, show_progress, offload=fsdp)
+    share = (accelerator.process_index, accelerator.num_processes) if fsdp and accelerator.num_processes > 1 else None
+    layers, originals = svd_form(model, data, config, accelerator.device, show_progress, offload=fsdp, share=share)
     experts = sum(expert_params(model).values())
     if experts:
         total = sum(p.numel() for p in model.parameters())
@@ -200,7 +218,12 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     saved = _load_progress(progress, config) if progress is not None and progress.is_file() else None
     if saved is not None:
         _restore_layers(ranked, saved["layers"])
+    made_here = {name: _tensors(layer) for name, layer in layers.items() if not layer.waiting} if share else {}
     wrapped = shard(trained, ranked) if fsdp else accelerator.prepare(trained)
+    if share is not None:
+        share_factors(layers, {name: owner(name, decoder_blocks(model)[0], share[1]) for name in layers}, made_here,
+                      accelerator.device)
+    del made_here
     for layer in layers.values():
         layer.compact()  # after a restore, and so the cached indices follow wherever wrapping put the masks
     objective = make_objective(config, ranked)
@@ -293,6 +316,31 @@ def shard(model: nn.Module, layers: dict[str, Ranked]) -> nn.Module:
         fully_shard(block, ignored_params=masks)
     fully_shard(model, ignored_params=masks)
     return model
+
+
+def _tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: t.detach() for key, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]}
+
+
+@torch.no_grad()
+def share_factors(layers: dict[str, SVDLinear], owners: dict[str, int], made_here: dict[str, dict],
+                  device: torch.device) -> None:
+    """After `shard`: each layer's tensors go from the process that factorized it (`made_here`
+    holds them whole) to the others, which keep only their rows of what FSDP sharded; one layer
+    is whole in a process at a time."""
+    for name, layer in layers.items():  # the same order in every process
+        if layer.waiting:  # (SVDLinear._apply leaves a waiting layer alone)
+            nn.Module._apply(layer, lambda t: torch.empty_like(t, device=device), recurse=False)
+        for key, tensor in _tensors(layer).items():
+            whole = (made_here[name][key].to(device) if name in made_here
+                     else torch.empty(tensor.shape, dtype=tensor.dtype, device=device))
+            torch.distributed.broadcast(whole, src=owners[name])
+            if layer.waiting and isinstance(tensor, DTensor):
+                rows = distribute_tensor(whole, tensor.device_mesh, tensor.placements, src_data_rank=None)
+                tensor.to_local().copy_(rows.to_local())
+            elif layer.waiting:
+                tensor.copy_(whole)
+        layer.waiting = False
 
 
 @torch.no_grad()

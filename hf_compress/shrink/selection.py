@@ -117,15 +117,9 @@ def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tu
             squares[key] = squares.get(key, 0) + x.pow(2).sum(0)
         return hook
 
-    hooks = [blocks[index].get_submodule(seg.module).register_forward_pre_hook(accumulate((index, seg.module)))
-             for index, _, site in found for seg in site.writes]
-    device = input_device(model)
-    try:
-        for batch in tqdm(data.split(batch_size), desc="activations", disable=not show_progress, leave=False):
-            model(batch.to(device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    sweep(model, data, batch_size, "activations", show_progress,
+          [blocks[index].get_submodule(seg.module).register_forward_pre_hook(accumulate((index, seg.module)))
+           for index, _, site in found for seg in site.writes])
     table = {}
     for index, _, site in found:
         total = 0
@@ -142,8 +136,8 @@ def activation_scores(model: PreTrainedModel, data: torch.Tensor, found: list[tu
 @torch.no_grad()
 def routed_outputs(model: PreTrainedModel, layers: list, data: torch.Tensor, batch_size: int,
                    show_progress: bool = True) -> list[torch.Tensor]:
-    """Per MoE layer (`experts.MoELayer`), each expert's router-weighted output over `data`: the sum over the tokens routed
-    to it of routing weight x the norm of what it returns."""
+    """Per MoE layer (`experts.MoELayer`), each expert's router-weighted output over `data`: the
+    sum over the tokens routed to it of routing weight x the norm of what it returns."""
     scores = [torch.zeros(layer.count) for layer in layers]
     busy = []
 
@@ -165,12 +159,19 @@ def routed_outputs(model: PreTrainedModel, layers: list, data: torch.Tensor, bat
                 busy.clear()
         return hook
 
-    handles = [layer.experts.register_forward_pre_hook(observe(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    sweep(model, data, batch_size, "expert outputs", show_progress,
+          [layer.experts.register_forward_pre_hook(observe(i), with_kwargs=True) for i, layer in enumerate(layers)])
+    return scores
+
+
+def sweep(model: PreTrainedModel, data: torch.Tensor, batch_size: int, desc: str, show_progress: bool,
+          handles: list) -> None:
+    """One forward over `data`, `batch_size` windows at a time, with the hooks `handles` in
+    place; they are removed afterwards."""
     device = input_device(model)
     try:
-        for batch in tqdm(data.split(batch_size), desc="expert outputs", disable=not show_progress, leave=False):
+        for batch in tqdm(data.split(batch_size), desc=desc, disable=not show_progress, leave=False):
             model(batch.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return scores
