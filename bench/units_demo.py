@@ -12,7 +12,9 @@ Rows, at sizes 0.9 / 0.8 / 0.7 / 0.6 of the targeted Linear parameters:
   cheapest, no compensation); compensation (values-only pass, compensated); the dense loss
   (values-only pass trained on KL to the dense model); head groups as units too (`--units all`);
 - the channels pass compensated (the default; seeds 0, 1, 2 with `--seeds 3`), with structure
-  channels, and with the dense loss.
+  channels, and with the dense loss;
+- the channels pass with activation pruning's choice of channels inside its allocation (each
+  site's channels reordered by Wanda-sp / FLAP scores on `prune`'s 64 windows; per seed).
 
 A rerun measures only the cells the results file lacks (`--remeasure`: all of them). Every pass is
 `make demo`'s (60 steps of 4 windows of 128 tokens of `builtin`, stop ratio 0.4;
@@ -34,10 +36,12 @@ from pathlib import Path
 import torch
 
 import hf_compress as hfc
+from hf_compress.acip.compressible import UnitScores
 from hf_compress.acip.train import svd_compressible
 from hf_compress.evaluate import perplexity, versions
 from hf_compress.formats import size_report
 from hf_compress.layers import decoder_blocks
+from hf_compress.shrink.selection import activation_scores
 from hf_compress.shrink.sites import mlp_site
 
 from common import save_and_print
@@ -75,6 +79,18 @@ class Passes:
             self.seconds[path.name] = time.perf_counter() - start
             cm.save_pretrained(path, overwrite=True)
         return hfc.CompressibleModel.from_pretrained(path)
+
+
+def activation_ordered(cm: hfc.CompressibleModel, data) -> hfc.CompressibleModel:
+    """The pass's allocation (how many channels each site keeps at every size, where they fall in
+    the one global order) with activation pruning's choice of which: each site's channels ordered
+    by their Wanda-sp / FLAP scores on `data` through the dense base, the pass's scores kept."""
+    prefix, _ = decoder_blocks(cm.base_model)
+    found = [(int(u.ref.prefix[len(prefix) + 1:].split(".")[0]), 1.0, u.ref.site) for u in cm.units.values()]
+    table = activation_scores(cm.base_model, data, found, batch_size=4, show_progress=False)
+    for (index, _, site), (name, u) in zip(found, list(cm.units.items())):
+        cm.units[name] = UnitScores(u.ref, table[index, site].argsort(descending=True, stable=True), u.score)
+    return cm
 
 
 def activation_pruned(base: str, calibration, size: float):
@@ -134,6 +150,9 @@ def main():
         "channels pass + dense loss + compensation": lambda s: passes.get(loss="dense").materialize(s),
     }
     rows |= {f"channels pass + compensation (seed {seed})": lambda s, seed=seed: passes.get(seed=seed).materialize(s)
+             for seed in range(args.seeds)}
+    rows |= {f"channels pass + compensation, activation order (seed {seed})":
+             lambda s, seed=seed: activation_ordered(passes.get(seed=seed), prune_data).materialize(s)
              for seed in range(args.seeds)}
     if args.old_pass:
         rows["pass before units (this repo's previous version)"] = old
