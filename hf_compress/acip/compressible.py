@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..cards import write_card
@@ -350,14 +351,19 @@ class CompressibleModel:
         return call_overhead_params(input_device(self.base_model), self.base_model.dtype)
 
     def _build(self, plan: Plan, overhead: int = 0, compensate: bool = True, **info) -> PreTrainedModel:
-        """The model of `plan`, made block by block: a block Accelerate offloaded (a base loaded with
-        a device map) is resident only while it is rewritten, so the whole model is never in memory."""
-        model = copy.deepcopy(self.base_model)
+        """The model of `plan`, made block by block, so that the base and a whole dense copy are never
+        in memory together: a base in memory has each block copied only when it is rewritten; a
+        block Accelerate offloaded (a base loaded with a device map) is resident only meanwhile."""
+        base_blocks = decoder_blocks(self.base_model)[1]
+        in_memory = not getattr(self.base_model, "hf_device_map", None)
+        model = copy.deepcopy(self.base_model, {id(block): nn.Identity() for block in base_blocks} if in_memory else {})
         shapes = self.shapes(plan)
         prefix, blocks = decoder_blocks(model)
         rows, columns, factorized = {}, {}, {}
-        for index, block in enumerate(blocks):
-            inside = f"{prefix}.{index}."
+        for index, base_block in enumerate(base_blocks):
+            if in_memory:
+                blocks[index] = copy.deepcopy(base_block)
+            block, inside = blocks[index], f"{prefix}.{index}."
             with resident(block, keep_changes=True):
                 kept_rows, kept_columns = self._remove_units(model, plan, inside)
                 rows |= kept_rows
