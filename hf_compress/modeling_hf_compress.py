@@ -43,9 +43,8 @@ class ExpertLinears(nn.Module):
         super().__init__()
         if getattr(experts, "has_post_expert_norm", False):
             raise ValueError(f"{type(experts).__name__} normalizes each expert's output: not supported")
-        first = "gate_up_proj" if experts.has_gate else "up_proj"
-        self.num_experts = getattr(experts, first).shape[0]
-        self.up = _expert_linears(experts, first)
+        self.num_experts = getattr(experts, _first_stack(experts)).shape[0]
+        self.up = _expert_linears(experts, _first_stack(experts))
         self.down = _expert_linears(experts, "down_proj")
         for name in [name for name, _ in experts.named_parameters(recurse=False)]:
             delattr(experts, name)
@@ -55,8 +54,7 @@ class ExpertLinears(nn.Module):
         """The transformers module again, its stacks made of the Linears (at their current widths:
         every expert of one width)."""
         experts = self.gating
-        first = "gate_up_proj" if experts.has_gate else "up_proj"
-        for name, linears in ((first, self.up), ("down_proj", self.down)):
+        for name, linears in ((_first_stack(experts), self.up), ("down_proj", self.down)):
             weights = [layer.weight.t() if experts.is_transposed else layer.weight for layer in linears]
             setattr(experts, name, nn.Parameter(torch.stack(weights).detach()))
             if linears[0].bias is not None:
@@ -84,6 +82,11 @@ class ExpertLinears(nn.Module):
         return out
 
 
+def _first_stack(experts: nn.Module) -> str:
+    """The name of the stack the tokens meet first: gate and up together, or up alone."""
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
 def _expert_linears(experts: nn.Module, name: str) -> nn.ModuleList:
     """The stack `name` (with its bias stack, if any) as one Linear per expert, sharing nothing."""
     stack, bias = getattr(experts, name), getattr(experts, f"{name}_bias", None)
@@ -101,23 +104,25 @@ def _expert_linears(experts: nn.Module, name: str) -> nn.ModuleList:
 def unfuse_experts_(model: nn.Module, names) -> nn.Module:
     """Replace each experts module named in `names` by its ExpertLinears."""
     for name in names:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, ExpertLinears(getattr(parent, child_name)))
+        set_module_(model, name, ExpertLinears(model.get_submodule(name)))
     return model
+
+
+def set_module_(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `model`, in place of what is there."""
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
 
 
 def replace_layer_(model: nn.Module, name: str, make) -> None:
     """Swap the layer at `name` for `make(old, in_features, out_features)`, on its device and dtype."""
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    old = getattr(parent, child_name)
+    old = model.get_submodule(name)
     if hasattr(old, "nf"):  # transformers Conv1D stores its weight as in x out
         in_features, out_features = old.weight.shape
     else:
         in_features, out_features = old.in_features, old.out_features
     new = make(old, in_features, out_features)
-    setattr(parent, child_name, new.to(device=old.weight.device, dtype=old.weight.dtype))
+    set_module_(model, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
 
 
 def factorize_(model: nn.Module, ranks: dict) -> nn.Module:

@@ -42,7 +42,7 @@ def resident(module: nn.Module, keep_changes: bool = False):
     for name, hook in hooks.items():
         layer = module.get_submodule(name)
         remove_hook_from_module(layer)
-        for key in _own_tensors(layer, hook.offload_buffers):
+        for key in own_tensors(layer, hook.offload_buffers):
             set_module_tensor_to_device(layer, key, hook.execution_device, value=hook.weights_map[key])
         loaded[name] = (layer, _fingerprint(layer, hook.offload_buffers))
     try:
@@ -54,7 +54,7 @@ def resident(module: nn.Module, keep_changes: bool = False):
                 add_hook_to_module(layer, hook)  # its init moves the weights back to the meta device
                 continue
             for part in layer.modules():  # each module that holds tensors gets a hook of its own
-                if tensors := _own_tensors(part, hook.offload_buffers):
+                if tensors := own_tensors(part, hook.offload_buffers):
                     add_hook_to_module(part, AlignDevicesHook(
                         hook.execution_device, offload=True, io_same_device=False, weights_map=_offload(tensors, hook),
                         offload_buffers=hook.offload_buffers, place_submodules=False, skip_keys=hook.skip_keys))
@@ -62,7 +62,8 @@ def resident(module: nn.Module, keep_changes: bool = False):
             gc.collect()  # the layers replaced sit in reference cycles (hook wrappers): free them now, not in blocks' time
 
 
-def _own_tensors(layer: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
+def own_tensors(layer: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
+    """A module's own parameters (and buffers), not its children's, by name."""
     own = dict(layer.named_parameters(recurse=False))
     return own | dict(layer.named_buffers(recurse=False)) if buffers else own
 
@@ -70,7 +71,7 @@ def _own_tensors(layer: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
 def _fingerprint(layer: nn.Module, buffers: bool) -> dict:
     """What changes when a layer's weights do: every rewrite assigns new tensors (`.data =`), an
     in-place edit bumps the tensor's version."""
-    return {name: (id(t), t.data_ptr(), t._version) for name, t in _own_tensors(layer, buffers).items()}
+    return {name: (id(t), t.data_ptr(), t._version) for name, t in own_tensors(layer, buffers).items()}
 
 
 def _offload(tensors: dict[str, torch.Tensor], hook):

@@ -150,8 +150,13 @@ class SVDLinear(Ranked):
         take = self._positions(values)
         return full(self.u)[:, take], self.s[values], full(self.v)[:, take].t()
 
+    def allocate(self, device: torch.device) -> None:
+        """Give a waiting layer empty tensors of its shapes on `device`, for its factors to be
+        copied in (moving it, as `_apply` does, would copy out of the meta device)."""
+        nn.Module._apply(self, lambda t: torch.empty_like(t, device=device), recurse=False)
+
     def _apply(self, fn, *args, **kwargs):
-        if self.waiting:  # nothing to move yet
+        if self.waiting:  # nothing to move yet: `allocate` gives it tensors
             return self
         super()._apply(fn, *args, **kwargs)
         self.compact()  # the cached index follows the buffers to their device

@@ -30,6 +30,8 @@ from ..formats import source_of, source_sizes, unfuse_experts
 from ..errors import HfCompressError
 from ..io import atomic_save, read_state
 from ..layers import LayerShape, decoder_blocks, expert_params, find_targets, require_dense
+from ..modeling_hf_compress import set_module_
+from ..offload import own_tensors
 from ..training import (StageMeter, check_launch, checkpointed_blocks, cycle_batches, fsdp_requested,
                         shuffled, training_copy)
 from .compressible import CompressibleModel, LayerFactors, UnitScores
@@ -221,8 +223,8 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
     made_here = {name: _tensors(layer) for name, layer in layers.items() if not layer.waiting} if share else {}
     wrapped = shard(trained, ranked) if fsdp else accelerator.prepare(trained)
     if share is not None:
-        share_factors(layers, {name: owner(name, decoder_blocks(model)[0], share[1]) for name in layers}, made_here,
-                      accelerator.device)
+        prefix = decoder_blocks(model)[0]
+        share_factors(layers, {name: owner(name, prefix, share[1]) for name in layers}, made_here, accelerator.device)
     del made_here
     for layer in layers.values():
         layer.compact()  # after a restore, and so the cached indices follow wherever wrapping put the masks
@@ -319,7 +321,7 @@ def shard(model: nn.Module, layers: dict[str, Ranked]) -> nn.Module:
 
 
 def _tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: t.detach() for key, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]}
+    return {key: t.detach() for key, t in own_tensors(layer, buffers=True).items()}
 
 
 @torch.no_grad()
@@ -329,8 +331,8 @@ def share_factors(layers: dict[str, SVDLinear], owners: dict[str, int], made_her
     holds them whole) to the others, which keep only their rows of what FSDP sharded; one layer
     is whole in a process at a time."""
     for name, layer in layers.items():  # the same order in every process
-        if layer.waiting:  # (SVDLinear._apply leaves a waiting layer alone)
-            nn.Module._apply(layer, lambda t: torch.empty_like(t, device=device), recurse=False)
+        if layer.waiting:
+            layer.allocate(device)
         for key, tensor in _tensors(layer).items():
             whole = (made_here[name][key].to(device) if name in made_here
                      else torch.empty(tensor.shape, dtype=tensor.dtype, device=device))
@@ -403,8 +405,7 @@ def _restore_layers(layers: dict[str, Ranked], saved: dict) -> None:
 def put_back(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Set each named module into `model` in place of what is there."""
     for name, module in modules.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, module)
+        set_module_(model, name, module)
 
 
 @torch.no_grad()

@@ -61,8 +61,9 @@ def moe_layers(model: PreTrainedModel) -> list[MoELayer]:
     return layers
 
 
-def check_experts(model: PreTrainedModel, ratio: float, verb: str) -> list[MoELayer]:
-    """The layers an experts ratio applies to, refused in one sentence where it cannot."""
+def check_experts(model: PreTrainedModel, ratio: float, verb: str) -> tuple[list[MoELayer], int]:
+    """The layers an experts ratio applies to and the experts each keeps, refused in one sentence
+    where it cannot."""
     layers = moe_layers(model)
     text_config = model.config.get_text_config()
     if not layers:
@@ -76,7 +77,7 @@ def check_experts(model: PreTrainedModel, ratio: float, verb: str) -> list[MoELa
     if k < top_k:
         raise HfCompressError(f"--experts-ratio {ratio} keeps {k} experts per layer, fewer than the {top_k} each "
                               "token is routed to")
-    return layers
+    return layers, k
 
 
 @torch.no_grad()
@@ -105,9 +106,8 @@ def fewer_experts(model: PreTrainedModel, ratio: float, selection, data: torch.T
                   show_progress: bool = True) -> dict:
     """Keep `ratio` of the experts of every MoE layer, grouped as `selection` decides; returns
     what the checkpoint records."""
-    layers = check_experts(model, ratio, verb)
+    layers, k = check_experts(model, ratio, verb)
     n = layers[0].count
-    k = kept_units(ratio, n)
     for layer, groups in zip(layers, selection.expert_groups(model, layers, k, data, show_progress), strict=True):
         regroup(layer, groups)
     set_expert_count(model, k)

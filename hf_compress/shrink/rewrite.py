@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from ..formats import mark_compressed
 from ..errors import HfCompressError
-from ..modeling_hf_compress import ExpertLinears, layer_like, replace_layer_
+from ..modeling_hf_compress import ExpertLinears, layer_like, replace_layer_, set_module_
 from ..layers import decoder_blocks, dense_weight, find_targets, layer_shape, set_dense_weight, shrinkable_params
 from ..offload import resident
 from ..quantize import quantize, width_multiple
@@ -130,8 +130,7 @@ def rewrite(model: PreTrainedModel, config: ShrinkConfig, selection: Selection, 
     if uniform:
         shrink_config(text_config, blocks, *(kept[kind].pop() if kept[kind] else None for kind in kept))
         for name in unfused:  # every expert at one width: transformers' stacks again
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, model.get_submodule(name).fused())
+            set_module_(model, name, model.get_submodule(name).fused())
     elif unfused:
         record["experts"] = unfused  # the checkpoint rebuilds them
     shrunk = find_targets(model)  # expert Linears too, when they stay unfused
