@@ -18,6 +18,7 @@ from hf_compress.formats import unfuse_experts
 from hf_compress.layers import find_targets
 from hf_compress.plan import meta_model, plan_memory
 from test_architectures import reload_without_hf_compress
+from test_compositions import check_consumers
 
 HEADS = dict(COMMON, head_dim=16)
 MOE = dict(num_experts_per_tok=2)
@@ -105,8 +106,9 @@ def test_the_memory_plan_counts_every_expert(tmp_path):
 
 @pytest.mark.slow
 def test_the_cli_counts_and_quantizes_experts(tmp_path, tokenizer):
-    """fold to fewer experts -> compress -> info -> materialize under a byte budget with nf4, and
-    quantize of the dense MoE, on a Mixtral checkpoint on disk."""
+    """fold to fewer experts -> compress -> info -> materialize (under a byte budget with nf4; at
+    0.6 then quantize int8) -> eval / info / push, and quantize of the dense MoE, on a Mixtral
+    checkpoint on disk."""
     source = tmp_path / "mixtral"
     torch.manual_seed(0)
     config = T.MixtralConfig(**{**COMMON, "hidden_size": 128, "intermediate_size": 256}, num_local_experts=4, **MOE)
@@ -122,6 +124,10 @@ def test_the_cli_counts_and_quantizes_experts(tmp_path, tokenizer):
     ok("materialize", tmp_path / "acip", "--max-size", "1MB", "--quantize", "nf4", "--output", tmp_path / "q")
     report = json.loads(ok("info", tmp_path / "q", "--json")[0])
     assert report["quantization"]["method"] == "nf4" and report["file_bytes"] <= 1_000_000
+    check_consumers(tmp_path / "q", tmp_path, quantized=True)
+    ok("materialize", tmp_path / "acip", "--size-ratio", 0.6, "--output", tmp_path / "m")
+    ok("quantize", tmp_path / "m", "--method", "int8", "--output", tmp_path / "m-int8")
+    check_consumers(tmp_path / "m-int8", tmp_path, quantized=True)
     ok("quantize", source, "--method", "nf4", "--output", tmp_path / "dense-nf4")  # a dense MoE: experts too
     for path in (tmp_path / "q", tmp_path / "dense-nf4"):
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
