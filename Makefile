@@ -43,6 +43,7 @@ test-install:
 	TORCH="$(TORCH)" PYTHON="$(PYTHON)" .ci/fresh_install
 
 bench: install second-model
+	$(BIN)/pip install -q -e ".[bench]"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/compare_demo.py
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/fold_demo.py
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/quantize_demo.py

@@ -5,6 +5,8 @@ Rows, at sizes 0.9 / 0.8 / 0.7 / 0.6 of the targeted Linear parameters:
 - dense;
 - activation pruning (`prune`'s default: MLP channels of every block, Wanda-sp / FLAP scores from
   one sweep over 64 windows of 256 tokens), its ratio set so the targeted parameters match the size;
+  and the same, then fine-tuned with LoRA rank 8 on the pass's tokens (PEFT, as the pass trains its
+  own; `pip install -e .[bench]`);
 - whitened SVD (SVD-LLM) at the per-layer ranks of the values-only pass;
 - the values-only pass (singular values alone, as before units were ranked); `--old-pass DIR`
   adds a row for a pass written by an earlier version (today's pass, as users have it);
@@ -43,6 +45,7 @@ from hf_compress.formats import size_report
 from hf_compress.layers import decoder_blocks
 from hf_compress.shrink.selection import activation_scores
 from hf_compress.shrink.sites import mlp_site
+from hf_compress.training import shuffled
 
 from common import save_and_print
 
@@ -69,13 +72,15 @@ class Passes:
     def __init__(self, args, calibration):
         self.args, self.calibration, self.seconds = args, calibration, {}
 
-    def get(self, units="channels", loss="labels", seed=0):
-        path = Path(self.args.runs) / f"{self.args.model.replace(':', '_')}_{units}_{loss}_{seed}_{self.args.steps}"
+    def get(self, units="channels", loss="labels", seed=0, lora_rank=0, lora_lr=5e-4):
+        lora = f"_lora{lora_rank}" + ("" if lora_lr == 5e-4 else f"_lr{lora_lr:g}") if lora_rank else ""
+        path = Path(self.args.runs) / f"{self.args.model.replace(':', '_')}_{units}_{loss}{lora}_{seed}_{self.args.steps}"
         if not (path / "acip.json").is_file():
             model, _ = hfc.load_model(self.args.model)
             start = time.perf_counter()
             cm = hfc.acip(model, self.calibration, max_steps=self.args.steps, stop_ratio=0.4, batch_size=4,
-                          units=units, loss=loss, seed=seed)
+                          units=units, loss=loss, seed=seed, lora_rank=lora_rank,
+                          lora_lr=lora_lr)
             self.seconds[path.name] = time.perf_counter() - start
             cm.save_pretrained(path, overwrite=True)
         return hfc.CompressibleModel.from_pretrained(path)
@@ -102,6 +107,23 @@ def activation_pruned(base: str, calibration, size: float):
     per_channel = (1 - half) / (channels - round(0.5 * channels))
     kept = channels - math.ceil((1 - size) / per_channel - 1e-9)
     return hfc.prune(hfc.load_model(base)[0], calibration, ratio=kept / channels, show_progress=False)
+
+
+def lora_tuned(model, calibration, steps: int, rank: int = 8, lr: float = 1e-3, seed: int = 0):
+    """`model` fine-tuned as the pass trains its LoRA (rank `rank`, AdamW at `lr`, the pass's
+    `steps` x 4 windows in the pass's order), with PEFT, merged: what activation pruning gets from
+    the same tokens and the same adapter, the baseline that the pass's LoRA must beat."""
+    from peft import LoraConfig, get_peft_model  # bench-only dependency (`pip install .[bench]`)
+
+    torch.manual_seed(seed)
+    tuned = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=lr)
+    tuned.train()
+    for batch in shuffled(calibration, seed)[:steps * 4].split(4):
+        tuned(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return tuned.merge_and_unload().eval()
 
 
 def main():
@@ -139,6 +161,8 @@ def main():
 
     rows = {
         "activation pruning, same parameters": lambda s: activation_pruned(args.model, prune_data, s),
+        "activation pruning + LoRA 8 on the pass's tokens": lambda s: lora_tuned(
+            activation_pruned(args.model, prune_data, s), calibration, args.steps),
         "whitened SVD at the values pass's allocation": whitened,
         "values pass (singular values only)": lambda s: values_pass().materialize(s, structure="svd", compensate=False),
         "units alone (channels pass, mixed, no compensation)": lambda s: passes.get().materialize(s, compensate=False),
@@ -148,8 +172,16 @@ def main():
             s, structure="svd", compensate=False),
         "channels pass + compensation, structure channels": lambda s: passes.get().materialize(s, structure="channels"),
         "channels pass + dense loss + compensation": lambda s: passes.get(loss="dense").materialize(s),
+        "channels pass + LoRA 8, learning rate 5e-4": lambda s: passes.get(lora_rank=8).materialize(s),
+        "channels pass + LoRA 8, learning rate 5e-4, compensated": lambda s: passes.get(lora_rank=8).materialize(
+            s, compensate=True),
+        "channels pass + LoRA 16, learning rate 5e-4": lambda s: passes.get(lora_rank=16).materialize(s),
+        "channels pass + LoRA 8, learning rate 2e-3": lambda s: passes.get(lora_rank=8, lora_lr=2e-3).materialize(s),
     }
     rows |= {f"channels pass + compensation (seed {seed})": lambda s, seed=seed: passes.get(seed=seed).materialize(s)
+             for seed in range(args.seeds)}
+    rows |= {f"default: channels pass + LoRA 8 (seed {seed})":
+             lambda s, seed=seed: passes.get(seed=seed, lora_rank=8, lora_lr=1e-3).materialize(s)
              for seed in range(args.seeds)}
     rows |= {f"channels pass + compensation, activation order (seed {seed})":
              lambda s, seed=seed: activation_ordered(passes.get(seed=seed), prune_data).materialize(s)

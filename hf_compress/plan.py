@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .acip.config import LORA_RANK
 from .formats import empty_model, unfuse_experts
 from .layers import LayerShape, decoder_blocks, find_targets, layer_shape
 from .loading import load_config
@@ -88,7 +89,7 @@ def _rank(shape: LayerShape) -> int:
 
 
 def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: int = 4,
-                num_processes: int = 1, whitening_windows: int = 16, lora_rank: int = 0,
+                num_processes: int = 1, whitening_windows: int = 16, lora_rank: int | None = None,
                 gradient_checkpointing: bool = True, on_gpu: bool = False, fsdp: bool = False,
                 capacity_bytes: int | None = None) -> MemoryPlan:
     """Predicted peak bytes of each stage of compress on `model` (typically on the meta device).
@@ -105,6 +106,8 @@ def plan_memory(model, *, batch_size: int = 4, seq_len: int = 256, dtype_bytes: 
     weights, other = all_params * b, (all_params - target_params) * b
     hidden = model.config.get_text_config().hidden_size
     vocab = model.get_output_embeddings().weight.shape[0]
+
+    lora_rank = LORA_RANK if lora_rank is None else lora_rank
 
     def factor_bytes(shape: LayerShape) -> int:
         r = _rank(shape)

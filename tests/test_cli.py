@@ -32,7 +32,9 @@ def test_materialize_and_info(compressible_dir, tmp_path):
     report = json.loads(out)
     assert report["size_ratio"] <= 0.5 and any(layer["rank"] for layer in report["layers"])
     code, out, _ = run_cli("info", compressible_dir, "--json")
-    assert [row["size_ratio"] for row in json.loads(out)["sizes"]][-1] == 1.0
+    report = json.loads(out)
+    assert [row["size_ratio"] for row in report["sizes"]][-1] == 1.0
+    assert 0 < report["smallest_size_ratio"] <= report["sizes"][0]["size_ratio"]  # only sizes it can make
 
 
 def test_materialize_speed_aware(compressible_dir, tmp_path):

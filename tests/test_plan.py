@@ -27,7 +27,7 @@ def test_memory_grows_with_what_costs_memory():
     assert stages(batch_size=8)["pass"].device_bytes > base
     assert stages(seq_len=512)["pass"].device_bytes > base
     assert stages(gradient_checkpointing=False)["pass"].device_bytes > base
-    assert stages(lora_rank=8)["pass"].device_bytes > base
+    assert stages(lora_rank=16)["pass"].device_bytes > base > stages(lora_rank=0)["pass"].device_bytes
     assert stages(batch_size=4, num_processes=2)["pass"].device_bytes < base  # half the batch each
     assert stages(whitening_windows=64)["whitening + SVD"].device_bytes > stages()["whitening + SVD"].device_bytes
 

@@ -16,7 +16,7 @@ from hf_compress.layers import dense_weight
 @pytest.fixture(scope="module", params=["llama", "phi3"])
 def compressible(request):
     return acip(tiny_model(request.param), tiny_data(), max_steps=12, stop_ratio=0.3, batch_size=4,
-                units="all", show_progress=False)
+                units="all", lora_rank=0, show_progress=False)
 
 
 def test_the_pass_ranks_channels_and_head_groups(compressible):
@@ -75,6 +75,14 @@ def test_compensation_brings_the_outputs_back_toward_the_dense_model(compressibl
         fitted = compressible.materialize(0.5, structure=structure)
         assert fitted.config.hf_compress["compensated_windows"] == len(data)
         assert divergence(fitted) < divergence(raw)
+
+
+def test_a_pass_with_lora_is_compensated_only_when_asked():
+    """LoRA repairs what the units removed, and a refit toward the dense outputs would undo it."""
+    compressible = acip(tiny_model(), tiny_data(), max_steps=6, stop_ratio=0.3, batch_size=4, lora_rank=2,
+                        show_progress=False)
+    assert "compensated_windows" not in compressible.materialize(0.5).config.hf_compress
+    assert compressible.materialize(0.5, compensate=True).config.hf_compress["compensated_windows"] > 0
 
 
 def test_compensation_is_exact_where_nothing_was_lost():

@@ -251,17 +251,24 @@ class CompressibleModel:
             factorized = sum(not f.is_dense_at(plan.ranks[name], 0, shapes[name]) for name, f in self.layers.items())
             row = {"size_ratio": ratio, "target_params": self.params_of(plan), **self.removed(plan),
                    "factorized_layers": factorized, "bytes": self.checkpoint_bytes(plan)}
-            for method in ("int8", "nf4"):
-                rounded = self.plan_at(ratio, width_multiple(method), structure=structure)
-                row[f"bytes_{method}"] = self.checkpoint_bytes(rounded, method)
+            for method in ("int8", "nf4"):  # None: below what the kernel's rounded widths allow
+                multiple = width_multiple(method)
+                row[f"bytes_{method}"] = (self.checkpoint_bytes(self.plan_at(ratio, multiple, structure=structure), method)
+                                          if ratio >= self.smallest_ratio(structure, multiple) else None)
             rows.append(row)
         return rows
 
+    def smallest_ratio(self, structure: str = "mixed", multiple: int = 1) -> float:
+        """The size ratio of the smallest model this pass makes (what is never removed, and the
+        stacked LoRA of factorized layers, cost the rest), with widths rounded to `multiple`."""
+        return self.params_of(self._plan_for(0, structure, multiple)) / self.dense_params
+
     def report(self, ratios=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> dict:
-        """What `info` prints: the pass's settings and summary, and `sizes` at each ratio."""
+        """What `info` prints: the pass's settings and summary, and `sizes` at each ratio it can make."""
         summary = {k: v for k, v in self.summary.items() if k != "history"}
+        smallest = self.smallest_ratio()
         return {"config": self.config.to_dict(), "summary": summary, "target_dense_params": self.dense_params,
-                "sizes": self.sizes(ratios)}
+                "smallest_size_ratio": round(smallest, 4), "sizes": self.sizes(r for r in ratios if r >= smallest)}
 
     def removed(self, plan: Plan) -> dict:
         """The MLP channels and head groups a plan removes."""
@@ -283,14 +290,16 @@ class CompressibleModel:
     def materialize(self, size_ratio: float | None = None, *, plan: Plan | dict[str, int] | None = None,
                     max_bytes: int | None = None, quantize: str | None = None,
                     quantize_head: bool = False, speed_aware: bool | int = False, structure: str = "mixed",
-                    compensate: bool = True, shard_bytes: int = SHARD_BYTES) -> PreTrainedModel:
+                    compensate: bool | None = None, shard_bytes: int = SHARD_BYTES) -> PreTrainedModel:
         """A transformers model at `size_ratio` of the targeted parameters, or the largest whose
         weights fit `max_bytes`: the units the global order ranks lowest are removed (with
         `structure` "channels" MLP channels and head groups only, "svd" singular values only),
         factorized layers become two small Linears, layers that end up dense are rebuilt at full
         rank, LoRA is merged. An explicit `plan` (or per-layer ranks: each layer's best values,
         every unit kept) overrides the global order. `compensate` refits what lost something on the
-        stored calibration windows (acip/compensate.py). `quantize` (nf4, fp4, int8) returns it
+        stored calibration windows (acip/compensate.py); None: unless the pass trained LoRA, which
+        repairs the same losses and which a refit toward the dense outputs would undo (measured:
+        docs/BENCHMARKS.md). `quantize` (nf4, fp4, int8) returns it
         quantized with bitsandbytes, its ranks rounded to what the 4-bit kernel packs.
 
         `speed_aware=True` keeps a layer dense, within the same budget, where its two factors would
@@ -350,7 +359,7 @@ class CompressibleModel:
         """The time of one extra matmul call, in weights, where this model materializes."""
         return call_overhead_params(input_device(self.base_model), self.base_model.dtype)
 
-    def _build(self, plan: Plan, overhead: int = 0, compensate: bool = True, **info) -> PreTrainedModel:
+    def _build(self, plan: Plan, overhead: int = 0, compensate: bool | None = None, **info) -> PreTrainedModel:
         """The model of `plan`, made block by block, so that the base and a whole dense copy are never
         in memory together: a base in memory has each block copied only when it is rewritten; a
         block Accelerate offloaded (a base loaded with a device map) is resident only meanwhile."""
@@ -371,7 +380,9 @@ class CompressibleModel:
                 ranks = {name: rank for name, rank in plan.ranks.items() if name.startswith(inside)}
                 factorized |= self._factorize(model, ranks, shapes, overhead, rows, columns)
         refit = {name: rows.get(name) for name in {*factorized, *columns}}
-        if compensate and refit and self.windows is not None and not any(f.lora_a is not None for f in self.layers.values()):
+        if compensate is None:
+            compensate = not any(f.lora_a is not None for f in self.layers.values())
+        if compensate and refit and self.windows is not None:
             compensate_layers(model, self.base_model, self.windows, refit, show_progress=False)
             info["compensated_windows"] = len(self.windows)
         resized = {name: [s.in_features, s.out_features] for name, s in shapes.items() if s != self.layers[name].shape}

@@ -11,6 +11,7 @@ OBJECTIVES = ("saliency", "acip", "torque", "drr", "nuclear", "pmmp")  # acip/ob
 LAMBDA_SCHEDULES = ("controller", "geometric")
 UNITS = ("values", "channels", "all")  # acip/gates.py
 LOSSES = ("labels", "dense")
+LORA_RANK = 8  # saliency's default; it hurts the other objectives (docs/BENCHMARKS.md)
 
 
 @dataclass
@@ -45,9 +46,9 @@ class AcipConfig:
     drr_beta: float = 5.0  # drr: how sharply 1 - exp(-beta |mask|) saturates
     nuclear_smoothness: float = 0.0  # nuclear: weight of the first-difference smoothness penalty
     schedule_fraction: float = 0.8
-    lora_rank: int = 0
+    lora_rank: int | None = None  # None: LORA_RANK with saliency, 0 with the other objectives
     lora_alpha: float | None = None  # None = lora_rank (scale 1)
-    lora_lr: float = 5e-4
+    lora_lr: float = 1e-3  # rank 8: against 5e-4 and 2e-3 on validation (docs/BENCHMARKS.md)
     include: str | None = None  # regex on module names; None = every Linear in the blocks
     exclude: str | None = None
     seed: int = 0
@@ -60,6 +61,8 @@ class AcipConfig:
             raise HfCompressError("max steps, batch size and whitening windows must be positive")
         if self.basis not in BASES:
             raise HfCompressError(f"basis must be one of {BASES}, not '{self.basis}'")
+        if self.lora_rank is None:
+            self.lora_rank = LORA_RANK if self.objective == "saliency" else 0
         if self.lora_rank < 0:
             raise HfCompressError(f"LoRA rank must be >= 0, got {self.lora_rank}")
         if self.objective not in OBJECTIVES:

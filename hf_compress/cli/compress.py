@@ -40,10 +40,10 @@ def compress(
     max_steps: MaxSteps = 200,
     seq_len: SeqLen = 256,
     batch_size: BatchSize = 4,
-    lora_rank: LoraRank = 0,
+    lora_rank: LoraRank = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA scale numerator (default: the rank, "
                                                              "scale 1).")] = None,
-    lora_lr: Annotated[float, typer.Option(help="LoRA learning rate (AdamW).")] = 5e-4,
+    lora_lr: Annotated[float, typer.Option(help="LoRA learning rate (AdamW).")] = 1e-3,
     mask_init: Annotated[float, typer.Option(help="Initial value of every mask.")] = 1.0,
     mask_lr: Annotated[Optional[float], typer.Option(
         help="Mask learning rate (default: from --max-steps, so masks can die within a tenth of the "
@@ -124,7 +124,7 @@ def plan_command(
     fsdp: Annotated[bool, typer.Option(help="Plan the pass sharded over the processes (FSDP) instead of data "
                                             "parallel (DDP).")] = False,
     whitening_windows: WhiteningWindows = 16,
-    lora_rank: LoraRank = 0,
+    lora_rank: LoraRank = None,
     gradient_checkpointing: GradientCheckpointing = True,
     device: Device = None,
     dtype: Dtype = None,

@@ -37,7 +37,7 @@ def materialize(
     quantize_head: QuantizeHead = False,
     speed_aware: SpeedAware = False,
     structure: Structure = "mixed",
-    compensate: Compensate = True,
+    compensate: Compensate = None,
     device: Device = None,
     dtype: Dtype = None,
     device_map: DeviceMap = None,

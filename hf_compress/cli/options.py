@@ -65,7 +65,9 @@ SaveEvery = Annotated[int, typer.Option(help="Steps between resumable checkpoint
 Seed = Annotated[int, typer.Option(help="Random seed: data order, LoRA init, k-means.")]
 GradientCheckpointing = Annotated[bool, typer.Option(
     help="Recompute block activations in backward: far less memory for about a third more compute.")]
-LoraRank = Annotated[int, typer.Option(help="Rank of LoRA adapters trained with the masks (0: none).")]
+LoraRank = Annotated[Optional[int], typer.Option(
+    help="Rank of LoRA adapters trained with the masks and merged at materialization (0: none; default: 8 with "
+         "saliency, 0 with the other objectives, which it hurts).")]
 WhiteningWindows = Annotated[int, typer.Option(
     help="Calibration windows whose inputs whiten the SVD (their tokens should outnumber the widest layer input).")]
 
@@ -82,9 +84,11 @@ SpeedAware = Annotated[bool, typer.Option(help=SPEED_HELP)]
 Structure = Annotated[str, typer.Option(
     help="What a size may remove: 'mixed' (whatever the pass ranked cheapest: MLP channels, head groups, singular "
          "values), 'channels' (channels and head groups only: no factorized layers) or 'svd' (singular values only).")]
-Compensate = Annotated[bool, typer.Option(
+Compensate = Annotated[Optional[bool], typer.Option(
+    "--compensate/--no-compensate",
     help="Refit, block by block, what lost something on the calibration windows kept by the pass (least squares "
-         "toward the dense model's outputs; a few seconds).")]
+         "toward the dense model's outputs; a few seconds). Default: on, unless the pass trained LoRA (which "
+         "repairs the same losses, and which the refit would undo).")]
 
 # --- same-architecture shrinking (fold, prune)
 Ratio = Annotated[float, typer.Option(

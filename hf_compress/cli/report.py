@@ -79,7 +79,7 @@ def evaluate_command(
     quantize: Quantize = None,
     speed_aware: SpeedAware = False,
     structure: Structure = "mixed",
-    compensate: Compensate = True,
+    compensate: Compensate = None,
     device: Device = None,
     dtype: Dtype = None,
     device_map: DeviceMap = None,
@@ -229,9 +229,11 @@ def print_report(report: dict) -> None:
         for row in report["sizes"]:
             table.add_row(f"{row['size_ratio']:.1f}", f"{row['target_params']:,}", str(row["mlp_channels"]),
                           str(row["head_groups"]), str(row["factorized_layers"]),
-                          *(f"{row[key] / 2**20:.1f}" for key in ("bytes", "bytes_int8", "bytes_nf4")))
+                          *("-" if row[key] is None else f"{row[key] / 2**20:.1f}"
+                            for key in ("bytes", "bytes_int8", "bytes_nf4")))
         out.print(table)
-        out.print("What `materialize` removes at each ratio (the default structure, mixed); MiB: the weight files of "
+        out.print(f"What `materialize` removes at each ratio (the default structure, mixed; the smallest it makes is "
+                  f"{report['smallest_size_ratio']:.3f}); MiB: the weight files of "
                   "the checkpoint it writes, headers included (with --quantize for the last two columns); its config, "
                   f"tokenizer and card add {report['other_bytes'] / 2**20:.1f} MiB.")
         return
