@@ -44,7 +44,7 @@ def test_step_time_benchmark_runs_in_reduced_form(tiny_checkpoint, tmp_path):
     subprocess.run([sys.executable, str(BENCH / "units_step_time.py"), "--model", str(tiny_checkpoint), "--steps", "4",
                     "--repeats", "1", "--out", str(tmp_path)], check=True, capture_output=True)
     results = json.loads((tmp_path / "units_step_time.json").read_text())
-    assert set(results["median_step_seconds"]) == {"values", "channels"} and results["channels_over_values"] > 0
+    assert set(results["median_step_seconds"]) == {"values, no LoRA", "default"} and results["default_over_values"] > 0
 
 
 def test_gpu_check_runs_on_a_tiny_shape_on_cpu(tmp_path):

@@ -38,7 +38,7 @@ def generate_without_hf_compress(path: Path, remote_code: bool = True, check: st
 def compressible(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "acip"
     ok("compress", "demo", "--output", out, "--max-steps", 10, "--seq-len", 64, "--batch-size", 4,
-        "--lora-rank", 4, "--save-every", 5)
+        "--save-every", 5)  # LoRA 8 by default: merged and stacked at every size below
     return out
 
 
