@@ -245,16 +245,17 @@ class CompressibleModel:
         """What `materialize` makes at each size ratio: parameters, what is removed, bytes in
         float and quantized (what `info` prints)."""
         rows = []
+        quantized = {method: (width_multiple(method), self.smallest_ratio(structure, width_multiple(method)))
+                     for method in ("int8", "nf4")}
         for ratio in ratios:
             plan = self.plan_at(ratio, structure=structure)
             shapes = self.shapes(plan)
             factorized = sum(not f.is_dense_at(plan.ranks[name], 0, shapes[name]) for name, f in self.layers.items())
             row = {"size_ratio": ratio, "target_params": self.params_of(plan), **self.removed(plan),
                    "factorized_layers": factorized, "bytes": self.checkpoint_bytes(plan)}
-            for method in ("int8", "nf4"):  # None: below what the kernel's rounded widths allow
-                multiple = width_multiple(method)
+            for method, (multiple, smallest) in quantized.items():  # None: below the kernel's rounded widths
                 row[f"bytes_{method}"] = (self.checkpoint_bytes(self.plan_at(ratio, multiple, structure=structure), method)
-                                          if ratio >= self.smallest_ratio(structure, multiple) else None)
+                                          if ratio >= smallest else None)
             rows.append(row)
         return rows
 
