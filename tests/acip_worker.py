@@ -1,8 +1,8 @@
 """Run a short ACIP pass on a tiny seeded model and save its score map (single or multi-process).
 
 Used by test_distributed.py: `python acip_worker.py OUT` or `torchrun --nproc_per_node 2 ...`
-(OBJECTIVE=acip for another objective than the default; PRUNE=torque saves a torque-pruned
-model's weights instead).
+(OBJECTIVES=saliency,torque runs one pass per objective in the same processes, saved by objective;
+PRUNE=torque saves a torque-pruned model's weights instead).
 """
 
 import os
@@ -52,19 +52,20 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     rows_held, factorized = [], []
     count_factorizations(factorized)
-    objective = os.environ.get("OBJECTIVE", "saliency")
-    record_sharding(rows_held, objective)
-    model = tiny_model()
     data = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
     if os.environ.get("PRUNE") == "torque":
-        pruned = hfc.prune(model, data, method="torque", ratio=0.5, max_steps=6, batch_size=4, lr=1e-4, strength=3.0,
-                           show_progress=False)
+        pruned = hfc.prune(tiny_model(), data, method="torque", ratio=0.5, max_steps=6, batch_size=4, lr=1e-4,
+                           strength=3.0, show_progress=False)
         if PartialState().is_main_process:
             torch.save(pruned.state_dict(), sys.argv[1])
         sys.exit()
-    result = hfc.acip(model, data, max_steps=12, stop_ratio=0.3, batch_size=4, lora_rank=2, objective=objective,
-                      show_progress=False)
+    saved = {}
+    for objective in os.environ.get("OBJECTIVES", "saliency").split(","):
+        rows_held.clear(), factorized.clear()
+        record_sharding(rows_held, objective)
+        result = hfc.acip(tiny_model(), data, max_steps=12, stop_ratio=0.3, batch_size=4, lora_rank=2,
+                          objective=objective, show_progress=False)
+        saved[objective] = {name: f.score for name, f in result.layers.items()} | {
+            "_summary": result.summary, "_rows_held": max(rows_held), "_factorized": len(factorized)}
     if PartialState().is_main_process:
-        torch.save({name: f.score for name, f in result.layers.items()}
-                   | {"_summary": result.summary, "_rows_held": max(rows_held), "_factorized": len(factorized)},
-                   sys.argv[1])
+        torch.save(saved, sys.argv[1])

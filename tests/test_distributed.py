@@ -40,10 +40,18 @@ def one_process(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("objective", ["saliency", "torque", "pmmp"])  # its own rule, AdamW, SGD with extra state
-def test_two_processes_give_the_single_process_score_map(tmp_path, one_process, objective):
-    single = one_process(OBJECTIVE=objective)
-    double = run_worker(tmp_path / "two.pt", 2, OBJECTIVE=objective)
+OBJECTIVES = "saliency,torque,pmmp"  # its own rule, AdamW, SGD with extra state: one launch runs the three
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("two") / "two.pt", 2, OBJECTIVES=OBJECTIVES)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES.split(","))
+def test_two_processes_give_the_single_process_score_map(one_process, two_processes, objective):
+    single = one_process(OBJECTIVES=OBJECTIVES)[objective]
+    double = copy.deepcopy(two_processes[objective])
     assert single["_summary"]["num_processes"] == 1 and double["_summary"]["num_processes"] == 2
     assert double.pop("_rows_held") == 1.0 and single.pop("_rows_held") == 1.0
     assert double.pop("_factorized") == single.pop("_factorized") == 14  # DDP: every process factorizes all
@@ -58,8 +66,8 @@ def test_two_processes_give_the_single_process_score_map(tmp_path, one_process, 
 def test_fsdp_gives_the_single_process_score_map(tmp_path, one_process):
     """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP: blocks sharded with FSDP2, masks whole;
     each process factorizes its share of the blocks and receives the rest's rows."""
-    single = one_process(OBJECTIVE="saliency")
-    sharded = run_worker(tmp_path / "fsdp.pt", 2, OBJECTIVE="saliency", ACCELERATE_USE_FSDP="true")
+    single = one_process(OBJECTIVES=OBJECTIVES)["saliency"]
+    sharded = run_worker(tmp_path / "fsdp.pt", 2, ACCELERATE_USE_FSDP="true")["saliency"]
     assert sharded["_summary"]["fsdp"] and not single["_summary"]["fsdp"]
     assert sharded.pop("_rows_held") == 0.5 and single.pop("_rows_held") == 1.0  # U really was sharded
     assert sharded.pop("_factorized") == 7 and single.pop("_factorized") == 14  # each process its block, received the other

@@ -80,6 +80,12 @@ def test_lora_is_trained_and_kept():
     assert factors.lora_b.abs().sum() > 0
 
 
+def test_adapters_learn_slower_in_a_longer_pass_unless_told():
+    assert AcipConfig(max_steps=20).adapter_learning_rate == AcipConfig(max_steps=60).adapter_learning_rate == 1e-3
+    assert AcipConfig(max_steps=240).adapter_learning_rate == pytest.approx(5e-4)
+    assert AcipConfig(max_steps=240, lora_lr=2e-3).adapter_learning_rate == 2e-3
+
+
 def test_too_little_data_is_an_error():
     with pytest.raises(HfCompressError, match="too little calibration data"):
         acip(tiny_model(), tiny_data(n=3), batch_size=4, show_progress=False)

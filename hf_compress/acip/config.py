@@ -48,7 +48,7 @@ class AcipConfig:
     schedule_fraction: float = 0.8
     lora_rank: int | None = None  # None: LORA_RANK with saliency, 0 with the other objectives
     lora_alpha: float | None = None  # None = lora_rank (scale 1)
-    lora_lr: float = 1e-3  # rank 8: against 5e-4 and 2e-3 on validation (docs/BENCHMARKS.md)
+    lora_lr: float | None = None  # None: `adapter_learning_rate`, chosen on validation (docs/BENCHMARKS.md)
     include: str | None = None  # regex on module names; None = every Linear in the blocks
     exclude: str | None = None
     seed: int = 0
@@ -87,6 +87,14 @@ class AcipConfig:
         if self.mask_lr is not None:
             return self.mask_lr
         return self.mask_init / max(1.0, 0.1 * self.max_steps)
+
+    @property
+    def adapter_learning_rate(self) -> float:
+        """1e-3 for up to 60 steps; a longer pass fits its calibration text at that rate, so beyond
+        60 steps it shrinks as the square root of the step count (5.5e-4 at 200)."""
+        if self.lora_lr is not None:
+            return self.lora_lr
+        return 1e-3 * min(1.0, 60 / self.max_steps) ** 0.5
 
     @property
     def growth(self) -> float:

@@ -230,7 +230,7 @@ def acip(model, data: torch.Tensor, config: AcipConfig | None = None, *, tokeniz
         layer.compact()  # after a restore, and so the cached indices follow wherever wrapping put the masks
     objective = make_objective(config, ranked)
     loras = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b) if p is not None]
-    optimizer = torch.optim.AdamW(loras, lr=config.lora_lr, weight_decay=0.0) if loras else None
+    optimizer = torch.optim.AdamW(loras, lr=config.adapter_learning_rate, weight_decay=0.0) if loras else None
     state = {"step": 0, "lam": config.lambda_init, "history": [],
              "start_soft_ratio": soft_ratio(layers, gates, objective)}
     if saved is not None:

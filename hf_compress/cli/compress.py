@@ -43,7 +43,9 @@ def compress(
     lora_rank: LoraRank = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA scale numerator (default: the rank, "
                                                              "scale 1).")] = None,
-    lora_lr: Annotated[float, typer.Option(help="LoRA learning rate (AdamW).")] = 1e-3,
+    lora_lr: Annotated[Optional[float], typer.Option(
+        help="LoRA learning rate (AdamW; default: 1e-3 up to 60 steps, then shrinking as the square root of "
+             "--max-steps).")] = None,
     mask_init: Annotated[float, typer.Option(help="Initial value of every mask.")] = 1.0,
     mask_lr: Annotated[Optional[float], typer.Option(
         help="Mask learning rate (default: from --max-steps, so masks can die within a tenth of the "
