@@ -61,7 +61,8 @@ if __name__ == "__main__":
         sys.exit()
     saved = {}
     for objective in os.environ.get("OBJECTIVES", "saliency").split(","):
-        rows_held.clear(), factorized.clear()
+        rows_held.clear()
+        factorized.clear()
         record_sharding(rows_held, objective)
         result = hfc.acip(tiny_model(), data, max_steps=12, stop_ratio=0.3, batch_size=4, lora_rank=2,
                           objective=objective, show_progress=False)
